@@ -1,0 +1,181 @@
+"""A worker process: connects to NATS and PostgreSQL and runs the selected stages.
+
+`Pipeline.run()` starts, for the stages it was given, the MQTT bridge, the consumer chains
+(split: one per stage; fused: consecutive stages chained in memory), the window sweeper and
+the outbox publisher, plus the HTTP server; it returns after `stop` is set and every part has
+finished its batch in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import asyncpg
+import structlog
+
+from pipeline.bridge import MqttBridge
+from pipeline.broker import declare_streams, make_broker
+from pipeline.config import Settings
+from pipeline.health import AggregationHealth, Health, MqttHealth, Probe
+from pipeline.http import make_app, serve
+from pipeline.metrics import Metrics
+from pipeline.migrations import migrate
+from pipeline.publisher import OutboxPublisher
+from pipeline.runner import ChainRunner, Step
+from pipeline.topology import BY_NAME, CONSUMER_STAGES, STAGE_NAMES
+from stages.dedupe import Dedupe
+from stages.persist import Persist
+from stages.validate import EinheitCache, Validate
+from stages.window_aggregate import WindowAggregate
+
+log = structlog.get_logger("pipeline.app")
+
+Mode = Literal["split", "fused"]
+DB_STAGES = {"validate", "persist", "window_aggregate", "publish"}
+DRAIN_TIMEOUT_S = 8.0
+
+
+def chains(stages: Iterable[str], mode: Mode) -> list[list[str]]:
+    """Group the consumer stages to run: one each (split) or consecutive runs (fused)."""
+    selected = [name for name in CONSUMER_STAGES if name in set(stages)]
+    if mode == "split":
+        return [[name] for name in selected]
+    groups: list[list[str]] = []
+    for name in selected:
+        position = CONSUMER_STAGES.index(name)
+        if groups and CONSUMER_STAGES.index(groups[-1][-1]) == position - 1:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        stages: Sequence[str] = STAGE_NAMES,
+        mode: Mode = "fused",
+        *,
+        metrics: Metrics | None = None,
+        auto_migrate: bool = True,
+    ) -> None:
+        unknown = set(stages) - set(STAGE_NAMES)
+        if unknown:
+            raise ValueError(f"unknown stage(s): {', '.join(sorted(unknown))}")
+        self.settings = settings
+        self.stages = [s for s in STAGE_NAMES if s in set(stages)]
+        self.mode = mode
+        self.metrics = metrics or Metrics()
+        self.health = Health()
+        self.auto_migrate = auto_migrate
+        self.stop = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.publisher: OutboxPublisher | None = None
+        self.runners: list[ChainRunner] = []
+        self.aggregation = AggregationHealth()
+
+    async def run(self) -> None:
+        s = self.settings
+        broker = make_broker(s.nats_servers)
+        nc = await broker.connect()
+        js = nc.jetstream()
+        self.health.components["nats"] = Probe(
+            lambda: nc.is_connected, lambda: {"servers": s.nats_servers}
+        )
+        pool: asyncpg.Pool | None = None
+        tasks: list[asyncio.Task[Any]] = []
+        http = None
+        try:
+            await declare_streams(js)
+            if DB_STAGES & set(self.stages):
+                if self.auto_migrate:
+                    await migrate(s.database_url)
+                pool = await asyncpg.create_pool(
+                    s.database_url, min_size=1, max_size=s.db_pool_size, command_timeout=30
+                )
+                self.health.components["database"] = Probe(lambda: _pool_alive(pool))
+            tasks = self._start(js, pool)
+            if s.http_port:
+                http = await serve(make_app(self.health, self.metrics), s.http_host, s.http_port)
+            log.info("pipeline running", stages=self.stages, mode=self.mode)
+            self.ready.set()
+            await self.stop.wait()
+            log.info("draining")
+            _, pending = await asyncio.wait(tasks, timeout=DRAIN_TIMEOUT_S)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            for task in tasks:
+                task.cancel()
+            if http is not None:
+                await http.cleanup()
+            if pool is not None:
+                await pool.close()
+            await broker.stop()
+            log.info("pipeline stopped")
+
+    def _start(self, js: Any, pool: asyncpg.Pool | None) -> list[asyncio.Task[Any]]:
+        s = self.settings
+        tasks: list[asyncio.Task[Any]] = []
+        if "mqtt_bridge" in self.stages:
+            mqtt_health = MqttHealth(silence_threshold_s=s.mqtt_silence_threshold_seconds)
+            self.health.components["mqtt"] = mqtt_health
+            bridge = MqttBridge(s, js, self.metrics, mqtt_health, self.stop)
+            tasks.append(asyncio.create_task(bridge.run(), name="mqtt_bridge"))
+        window: WindowAggregate | None = None
+        if pool is not None and "window_aggregate" in self.stages:
+            window = WindowAggregate(pool, grace=s.grace)
+            self.health.components["aggregation"] = self.aggregation
+            tasks.append(asyncio.create_task(self._sweep(window), name="sweeper"))
+        impls: dict[str, Any] = {}
+        if pool is not None:
+            impls["validate"] = Validate(EinheitCache(pool), max_payload_bytes=s.max_payload_bytes)
+            impls["persist"] = Persist(pool)
+            impls["window_aggregate"] = window
+        impls["dedupe"] = Dedupe()
+        for group in chains(self.stages, self.mode):
+            steps = [Step(BY_NAME[name], impls[name]) for name in group]
+            runner = ChainRunner(js, steps, self.metrics, self.stop, batch_size=s.batch_size)
+            self.runners.append(runner)
+            self.health.components[f"stage:{runner.name}"] = Probe(
+                lambda r=runner: r.healthy, lambda r=runner: {"last_error": r.last_error}
+            )
+            tasks.append(asyncio.create_task(runner.run(), name=runner.name))
+        if pool is not None and "publish" in self.stages:
+            self.publisher = OutboxPublisher(pool, s.database_url, js, self.metrics, self.stop)
+            self.health.components["publish"] = Probe(lambda: self.publisher and self.publisher.healthy)
+            tasks.append(asyncio.create_task(self.publisher.run(), name="publish"))
+        return tasks
+
+    async def _sweep(self, window: WindowAggregate) -> None:
+        """Close due intervals every `sweep_interval_seconds`; on start this is the catch-up."""
+        m = self.metrics
+        while not self.stop.is_set():
+            started = time.perf_counter()
+            try:
+                run = await window.sweep()
+            except Exception as exc:
+                m.aggregation_failures.inc()
+                self.aggregation.record(ok=False, error=repr(exc))
+                log.warning("aggregation failed", error=repr(exc))
+            else:
+                m.aggregation_runs.inc()
+                m.aggregation_records.inc(run.marked)
+                m.aggregation_duration.observe(time.perf_counter() - started)
+                m.aggregation_last_run.set(time.time())
+                self.aggregation.record(ok=True, intervals=run.intervals, rows=run.summed, changed=run.changed)
+                if run.intervals:
+                    log.info("intervals aggregated", intervals=run.intervals, rows=run.summed, changed=run.changed)
+            try:
+                await asyncio.wait_for(self.stop.wait(), timeout=self.settings.sweep_interval_seconds)
+            except TimeoutError:
+                pass
+
+
+def _pool_alive(pool: asyncpg.Pool | None) -> bool:
+    return pool is not None and not pool._closed

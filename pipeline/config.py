@@ -1,0 +1,74 @@
+"""Settings from the environment (prefix `PIPELINE_`) or a `.env` file, design §7."""
+
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+from functools import cached_property
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class MqttTarget:
+    """The parts of `PIPELINE_MQTT_URL` (`mqtt[s]://user:pass@host:port`)."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError(f"unsupported MQTT URL scheme {parts.scheme!r}")
+        self.tls = parts.scheme in ("mqtts", "ssl")
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (8883 if self.tls else 1883)
+        self.username = unquote(parts.username) if parts.username else None
+        self.password = unquote(parts.password) if parts.password else None
+
+    def __repr__(self) -> str:  # never print the password
+        return f"MqttTarget({'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port})"
+
+
+class Settings(BaseSettings):
+    """Every knob of a worker. Names and defaults of the first block are the contract."""
+
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_", env_file=".env", extra="ignore")
+
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    nats_url: str = "nats://127.0.0.1:4222"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    window_grace_seconds: float = Field(default=60, ge=0)
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    mqtt_client_id: str = "messwerte-bridge"
+    log_format: Literal["console", "json"] = Field(
+        default_factory=lambda: "console" if sys.stderr.isatty() else "json"
+    )
+
+    # Tuning, not part of the contract.
+    log_level: str = "info"
+    http_host: str = "0.0.0.0"
+    max_payload_bytes: int = Field(default=64 * 1024, gt=0)
+    batch_size: int = Field(default=500, gt=0)
+    sweep_interval_seconds: float = Field(default=1.0, gt=0)
+    mqtt_silence_threshold_seconds: float | None = Field(
+        default=None, description="opt-in: /health/mqtt turns 503 after this long without a message"
+    )
+    db_pool_size: int = Field(default=8, gt=0)
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _valid_mqtt_url(cls, value: str) -> str:
+        MqttTarget(value)
+        return value
+
+    @cached_property
+    def mqtt(self) -> MqttTarget:
+        return MqttTarget(self.mqtt_url)
+
+    @property
+    def nats_servers(self) -> list[str]:
+        return [s.strip() for s in self.nats_url.split(",") if s.strip()]
+
+    @property
+    def grace(self) -> timedelta:
+        return timedelta(seconds=self.window_grace_seconds)

@@ -1,0 +1,103 @@
+"""Health state of the components a worker runs, as reported on `/health…` (design §9)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+
+class Component(Protocol):
+    def status(self) -> tuple[bool, dict[str, Any]]: ...
+
+
+@dataclass
+class MqttHealth:
+    """Bridge state. `silence_threshold_s` (opt-in) turns a long silence into unhealthy."""
+
+    silence_threshold_s: float | None = None
+    connected: bool = False
+    subscribed: bool = False
+    reconnects: int = 0
+    last_error: str | None = None
+    last_message_at: float | None = None
+    connected_since: float | None = None
+
+    def message_received(self) -> None:
+        self.last_message_at = time.monotonic()
+
+    def status(self) -> tuple[bool, dict[str, Any]]:
+        now = time.monotonic()
+        reference = self.last_message_at or self.connected_since
+        silence = None if reference is None else round(now - reference, 3)
+        healthy = self.connected and self.subscribed
+        if healthy and self.silence_threshold_s is not None and silence is not None:
+            healthy = silence <= self.silence_threshold_s
+        return healthy, {
+            "connected": self.connected,
+            "subscribed": self.subscribed,
+            "seconds_since_last_message": (
+                None if self.last_message_at is None else round(now - self.last_message_at, 3)
+            ),
+            "silence_threshold_seconds": self.silence_threshold_s,
+            "reconnects": self.reconnects,
+            "last_error": self.last_error,
+        }
+
+
+@dataclass
+class AggregationHealth:
+    last_run_at: datetime | None = None
+    outcome: str | None = None
+    intervals: int = 0
+    rows: int = 0
+    changed: int = 0
+    error: str | None = None
+
+    def record(self, *, ok: bool, intervals: int = 0, rows: int = 0, changed: int = 0, error: str | None = None) -> None:
+        self.last_run_at = datetime.now(UTC)
+        self.outcome = "success" if ok else "failure"
+        self.intervals, self.rows, self.changed, self.error = intervals, rows, changed, error
+
+    def status(self) -> tuple[bool, dict[str, Any]]:
+        return self.outcome != "failure", {
+            "last_run": self.last_run_at.isoformat() if self.last_run_at else None,
+            "outcome": self.outcome,
+            "intervals": self.intervals,
+            "rows": self.rows,
+            "changed": self.changed,
+            "error": self.error,
+        }
+
+
+@dataclass
+class Probe:
+    """A component whose health is a callable (NATS connected, database reachable, …)."""
+
+    check: Any
+    details: Any = None
+
+    def status(self) -> tuple[bool, dict[str, Any]]:
+        return bool(self.check()), (self.details() if self.details else {})
+
+
+@dataclass
+class Health:
+    components: dict[str, Component] = field(default_factory=dict)
+
+    def overall(self) -> tuple[bool, dict[str, Any]]:
+        body: dict[str, Any] = {}
+        healthy = True
+        for name, component in self.components.items():
+            ok, details = component.status()
+            healthy = healthy and ok
+            body[name] = {"status": "UP" if ok else "DOWN", **details}
+        return healthy, {"status": "UP" if healthy else "DOWN", "components": body}
+
+    def one(self, name: str) -> tuple[bool, dict[str, Any]] | None:
+        component = self.components.get(name)
+        if component is None:
+            return None
+        ok, details = component.status()
+        return ok, {"status": "UP" if ok else "DOWN", **details}

@@ -1,0 +1,85 @@
+"""Prometheus metrics of one worker process (design §9), on a registry of its own.
+
+The `zev_*` names are the contract; the `pipeline_stage_*` family is per stage. A registry per
+`Metrics` keeps several pipelines in one process (tests, the demo) from sharing counters.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_BATCH_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.mqtt_received = Counter(
+            "zev_mqtt_messages_received_total", "MQTT messages received by the bridge", registry=r
+        )
+        self.mqtt_processed = Counter(
+            "zev_mqtt_messages_processed_total",
+            "Messages that passed validation (duplicates included)",
+            registry=r,
+        )
+        self.mqtt_failed = Counter(
+            "zev_mqtt_messages_failed_total", "Messages rejected to dlq.>", registry=r
+        )
+        self.mqtt_last_message = Gauge(
+            "zev_mqtt_last_message_timestamp",
+            "Unix time of the last MQTT message received",
+            registry=r,
+        )
+        self.rejects = Counter(
+            "pipeline_rejects_total", "Rejected messages by reason", ["reason"], registry=r
+        )
+        self.aggregation_runs = Counter("zev_aggregation_runs_total", "Aggregation runs", registry=r)
+        self.aggregation_failures = Counter(
+            "pipeline_aggregation_failures_total", "Aggregation runs that failed", registry=r
+        )
+        self.aggregation_records = Counter(
+            "zev_aggregation_records_processed_total",
+            "Raw rows newly taken over into messwerte",
+            registry=r,
+        )
+        self.aggregation_duration = Histogram(
+            "zev_aggregation_duration_seconds", "Duration of an aggregation run", registry=r
+        )
+        self.aggregation_last_run = Gauge(
+            "zev_aggregation_last_run_timestamp", "Unix time of the last aggregation run", registry=r
+        )
+        self.stage_in = Counter(
+            "pipeline_stage_messages_in_total", "Messages into a stage", ["stage"], registry=r
+        )
+        self.stage_out = Counter(
+            "pipeline_stage_messages_out_total",
+            "Messages out of a stage by outcome",
+            ["stage", "outcome"],
+            registry=r,
+        )
+        self.stage_batch_latency = Histogram(
+            "pipeline_stage_batch_seconds",
+            "Time to process one batch, from fetch to ack",
+            ["stage"],
+            buckets=_BATCH_BUCKETS_S,
+            registry=r,
+        )
+        self.consumer_pending = Gauge(
+            "pipeline_consumer_pending_messages",
+            "Messages in the stage's JetStream consumer not yet delivered (lag)",
+            ["stage"],
+            registry=r,
+        )
+        self.retry_queue_depth = Gauge(
+            "pipeline_retry_queue_depth",
+            "Messages held in memory waiting for a retry",
+            ["stage"],
+            registry=r,
+        )
+        self.published = Counter(
+            "pipeline_messwerte_published_total", "Messages published on messwerte.>", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

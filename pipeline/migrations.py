@@ -1,0 +1,140 @@
+"""Database schema (design §4) and its idempotent upgrades, applied by `pipeline migrate`.
+
+Each step runs once, in order, in its own transaction, recorded in `pipeline_schema_migrations`;
+an advisory lock lets several workers migrate at start-up without racing. Every statement is
+also safe on its own against a database where the ZEV system already created `einheit` and
+`messwerte`.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+import structlog
+
+log = structlog.get_logger("pipeline.migrations")
+
+_LOCK_KEY = 7_341_115_001  # arbitrary, constant: serialises concurrent `migrate` runs
+
+CONTRACT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS einheit (
+    id BIGINT PRIMARY KEY,
+    organization_id UUID NOT NULL
+);
+CREATE TABLE IF NOT EXISTS zaehler_rohdaten (
+    id BIGSERIAL PRIMARY KEY,
+    einheit_id BIGINT NOT NULL REFERENCES einheit(id),
+    organization_id UUID NOT NULL,
+    timestamp TIMESTAMP WITH TIME ZONE NOT NULL,
+    verbrauch DECIMAL(12,4) NOT NULL,
+    einspeisung DECIMAL(12,4) NOT NULL,
+    zaehlerstand_verbrauch DECIMAL(12,4),
+    zaehlerstand_einspeisung DECIMAL(12,4),
+    empfangen_am TIMESTAMP WITH TIME ZONE DEFAULT NOW(),
+    verarbeitet BOOLEAN DEFAULT FALSE,
+    verarbeitet_am TIMESTAMP WITH TIME ZONE,
+    CONSTRAINT uk_zaeher_rohdaten UNIQUE (einheit_id, timestamp)
+);
+CREATE INDEX IF NOT EXISTS idx_zaeher_rohdaten_unverarbeitet
+    ON zaehler_rohdaten(verarbeitet, timestamp) WHERE verarbeitet = FALSE;
+CREATE TABLE IF NOT EXISTS messwerte (
+    id BIGSERIAL PRIMARY KEY,
+    einheit_id BIGINT NOT NULL REFERENCES einheit(id),
+    zeit TIMESTAMP WITH TIME ZONE NOT NULL,
+    verbrauch DECIMAL(12,4) NOT NULL,
+    einspeisung DECIMAL(12,4) NOT NULL,
+    UNIQUE (einheit_id, zeit)
+);
+ALTER TABLE messwerte ADD COLUMN IF NOT EXISTS quelle VARCHAR(20) DEFAULT 'CSV';
+"""
+
+PIPELINE_SCHEMA = """
+-- An existing `messwerte` may lack the unique key the upsert needs; add it only if missing.
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_index i
+        JOIN pg_class t ON t.oid = i.indrelid
+        WHERE t.relname = 'messwerte' AND t.relnamespace = 'public'::regnamespace
+          AND i.indisunique
+          AND (SELECT array_agg(a.attname::text ORDER BY a.attname)
+               FROM unnest(i.indkey) k JOIN pg_attribute a
+                 ON a.attrelid = t.oid AND a.attnum = k) = ARRAY['einheit_id', 'zeit']
+    ) THEN
+        CREATE UNIQUE INDEX messwerte_einheit_zeit_uk ON messwerte (einheit_id, zeit);
+    END IF;
+END $$;
+
+-- How many raw readings an aggregate summed, and how often it changed (0 = never published).
+ALTER TABLE messwerte ADD COLUMN IF NOT EXISTS anzahl_rohwerte INTEGER;
+ALTER TABLE messwerte ADD COLUMN IF NOT EXISTS revision INTEGER NOT NULL DEFAULT 0;
+
+-- End of the 15-minute interval (end - 15 min, end] holding ts: ts rounded up to the quarter.
+CREATE OR REPLACE FUNCTION messwerte_interval_end(ts TIMESTAMPTZ) RETURNS TIMESTAMPTZ
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN b = ts THEN ts ELSE b + INTERVAL '15 minutes' END
+    FROM date_bin(INTERVAL '15 minutes', ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS b
+$$;
+
+-- Transactional outbox: written in the transaction that changes `messwerte`, emptied by the
+-- publisher once JetStream has stored the message. Nothing is published that the database
+-- does not hold, and nothing held is left unpublished.
+CREATE TABLE IF NOT EXISTS messwerte_outbox (
+    id BIGSERIAL PRIMARY KEY,
+    einheit_id BIGINT NOT NULL,
+    organization_id UUID NOT NULL,
+    zeit TIMESTAMPTZ NOT NULL,
+    verbrauch DECIMAL(12,4) NOT NULL,
+    einspeisung DECIMAL(12,4) NOT NULL,
+    anzahl_rohwerte INTEGER NOT NULL,
+    quelle VARCHAR(20) NOT NULL,
+    revision INTEGER NOT NULL,
+    erstellt_am TIMESTAMPTZ NOT NULL DEFAULT NOW()
+);
+
+CREATE OR REPLACE FUNCTION messwerte_outbox_notify() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('messwerte_outbox', '');
+    RETURN NULL;
+END $$;
+
+DROP TRIGGER IF EXISTS messwerte_outbox_notify ON messwerte_outbox;
+CREATE TRIGGER messwerte_outbox_notify AFTER INSERT ON messwerte_outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION messwerte_outbox_notify();
+"""
+
+#: Ordered steps; append, never edit a step that has shipped.
+STEPS: tuple[tuple[int, str, str], ...] = (
+    (1, "contract tables of design §4", CONTRACT_SCHEMA),
+    (2, "revision, interval function, outbox", PIPELINE_SCHEMA),
+)
+
+
+async def migrate(dsn: str) -> list[int]:
+    """Apply every step not yet applied; return the versions applied now."""
+    conn: asyncpg.Connection = await asyncpg.connect(dsn)
+    applied: list[int] = []
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
+            await conn.execute(
+                """CREATE TABLE IF NOT EXISTS pipeline_schema_migrations (
+                    version INTEGER PRIMARY KEY,
+                    description TEXT NOT NULL,
+                    applied_at TIMESTAMPTZ NOT NULL DEFAULT NOW())"""
+            )
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM pipeline_schema_migrations")}
+            for version, description, sql in STEPS:
+                if version in done:
+                    continue
+                await conn.execute(sql)
+                await conn.execute(
+                    "INSERT INTO pipeline_schema_migrations (version, description) VALUES ($1, $2)",
+                    version,
+                    description,
+                )
+                applied.append(version)
+                log.info("migration applied", version=version, description=description)
+    finally:
+        await conn.close()
+    return applied

@@ -1,0 +1,102 @@
+"""Drives stage `publish`: moves rows from the `messwerte_outbox` table onto `messwerte.>`.
+
+Woken by `LISTEN messwerte_outbox` (a trigger notifies on every insert) and, as a safety net,
+once a second. Rows are claimed with `FOR UPDATE SKIP LOCKED`, published with their
+`Nats-Msg-Id`, and deleted in the same transaction only after JetStream stored them; a crash
+in between re-publishes, which JetStream's duplicate window turns into a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import structlog
+
+from pipeline.codec import encode
+from pipeline.metrics import Metrics
+from pipeline.runner import Abandoned, Backoff, JetStreamOut
+from stages import publish
+
+log = structlog.get_logger("pipeline.publisher")
+
+POLL_S = 1.0
+CLAIM_LIMIT = 500
+
+
+class OutboxPublisher:
+    def __init__(
+        self, pool: asyncpg.Pool, dsn: str, js: Any, metrics: Metrics, stop: asyncio.Event
+    ) -> None:
+        self._pool = pool
+        self._dsn = dsn
+        self._metrics = metrics
+        self._stop = stop
+        self._out = JetStreamOut(js, stop)
+        self._wake = asyncio.Event()
+        self.healthy = False
+        self.on_published: list[Any] = []
+
+    async def run(self) -> None:
+        listener = asyncio.create_task(self._listen())
+        backoff = Backoff(self._stop)
+        try:
+            while not self._stop.is_set():
+                try:
+                    while await self._drain_once() == CLAIM_LIMIT:
+                        pass
+                    self.healthy = True
+                    backoff = Backoff(self._stop)
+                except Abandoned:
+                    break
+                except Exception as exc:
+                    self.healthy = False
+                    log.warning("outbox publish failed, retrying", error=repr(exc))
+                    try:
+                        await backoff.wait()
+                    except Abandoned:
+                        break
+                    continue
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=POLL_S)
+                except TimeoutError:
+                    pass
+        finally:
+            listener.cancel()
+
+    async def _drain_once(self) -> int:
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await publish.claim(conn, CLAIM_LIMIT)
+            if not rows:
+                return 0
+            messages = [publish.to_message(row) for row in rows]
+            outbound = []
+            for message in messages:
+                body, headers = encode(message)
+                outbound.append((message.subject, body, headers))
+            await self._out.publish(outbound)
+            await publish.done(conn, [row["id"] for row in rows])
+        self._metrics.published.inc(len(messages))
+        self._metrics.stage_out.labels("publish", "messwertmessage").inc(len(messages))
+        for callback in self.on_published:
+            callback(messages)
+        return len(rows)
+
+    async def _listen(self) -> None:
+        """Keep a LISTEN connection open; reconnect quietly, polling covers the gaps."""
+        while not self._stop.is_set():
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self._dsn)
+                await conn.add_listener("messwerte_outbox", lambda *_: self._wake.set())
+                self._wake.set()
+                while not self._stop.is_set() and not conn.is_closed():
+                    await asyncio.sleep(POLL_S)
+            except Exception as exc:
+                log.debug("outbox listener reconnecting", error=repr(exc))
+                await asyncio.sleep(POLL_S)
+            finally:
+                if conn is not None and not conn.is_closed():
+                    await conn.close()

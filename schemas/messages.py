@@ -1,0 +1,170 @@
+"""Messages that travel between stages on the internal JetStream subjects.
+
+`IngestMessage` is an MQTT message as the bridge received it (subject `ingest.…`),
+`Reading` a validated reading (`valid.…`, then `unique.…`), `Persisted` the key of a raw row
+that was inserted or changed (`persisted.…`) and `Reject` a refused input (`dlq.{reason}`).
+Each carries `ingest_seq`, the JetStream sequence of the MQTT message it came from: with the
+content hash it forms the internal `Nats-Msg-Id`, so a redelivery is recognised as the same
+message while a later identical reading is not.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from enum import StrEnum
+from functools import cached_property
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+QUARTER_HOUR = timedelta(minutes=15)
+
+
+class RejectReason(StrEnum):
+    """Why an input was refused; the last token of its `dlq.{reason}` subject."""
+
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    INVALID_JSON = "invalid_json"
+    NOT_AN_OBJECT = "not_an_object"
+    MISSING_FIELD = "missing_field"
+    INVALID_NUMBER = "invalid_number"
+    INVALID_TIMESTAMP = "invalid_timestamp"
+    NEGATIVE_VALUE = "negative_value"
+    OUT_OF_RANGE = "out_of_range"
+    INVALID_TOPIC = "invalid_topic"
+    UNKNOWN_UNIT = "unknown_unit"
+    ORGANIZATION_MISMATCH = "organization_mismatch"
+    UNDECODABLE = "undecodable"
+    PERSIST_FAILED = "persist_failed"
+
+
+class IngestMessage(BaseModel):
+    """An MQTT message, untouched, with its topic and the time the bridge received it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    topic: str
+    payload: bytes
+    received_at: datetime
+    ingest_seq: int = Field(default=0, description="JetStream sequence in the INGEST stream")
+
+
+class Reading(BaseModel):
+    """A validated smart-meter reading for one unit (einheit) at one timestamp."""
+
+    model_config = ConfigDict(frozen=True)
+
+    organization_id: UUID
+    einheit_id: int
+    timestamp: datetime
+    verbrauch: Decimal
+    einspeisung: Decimal
+    zaehlerstand_verbrauch: Decimal | None = None
+    zaehlerstand_einspeisung: Decimal | None = None
+    received_at: datetime
+    ingest_seq: int = 0
+
+    @property
+    def key(self) -> tuple[int, datetime]:
+        """The row key in `zaehler_rohdaten`: one reading per unit and instant."""
+        return (self.einheit_id, self.timestamp)
+
+    @cached_property
+    def content_hash(self) -> str:
+        """Hash of everything that makes two readings of one key equal (values compared as numbers)."""
+        parts = (
+            str(self.einheit_id),
+            self.timestamp.astimezone(UTC).isoformat(),
+            *(_canonical(v) for v in self.values),
+        )
+        return hashlib.blake2b("|".join(parts).encode(), digest_size=8).hexdigest()
+
+    @property
+    def values(self) -> tuple[Decimal | None, ...]:
+        return (
+            self.verbrauch,
+            self.einspeisung,
+            self.zaehlerstand_verbrauch,
+            self.zaehlerstand_einspeisung,
+        )
+
+    @property
+    def msg_id(self) -> str:
+        return f"{self.einheit_id}:{_epoch_us(self.timestamp)}:{self.content_hash}:{self.ingest_seq}"
+
+
+class Persisted(BaseModel):
+    """A raw row that persist inserted or changed, so its interval may need aggregating."""
+
+    model_config = ConfigDict(frozen=True)
+
+    organization_id: UUID
+    einheit_id: int
+    timestamp: datetime
+    content_hash: str
+    ingest_seq: int = 0
+
+    @property
+    def msg_id(self) -> str:
+        return f"{self.einheit_id}:{_epoch_us(self.timestamp)}:{self.content_hash}:{self.ingest_seq}"
+
+
+class Reject(BaseModel):
+    """An input refused by a stage, with the original topic and payload and a readable reason."""
+
+    model_config = ConfigDict(frozen=True)
+
+    reason: RejectReason = Field(description="the last token of `dlq.{reason}`")
+    detail: str = Field(description="human-readable reason")
+    topic: str
+    payload: str = Field(description="original payload: text if UTF-8, else base64")
+    payload_encoding: str = Field(default="utf-8", description="`utf-8` or `base64`")
+    received_at: datetime
+    stage: str
+    ingest_seq: int = 0
+
+    @classmethod
+    def of(cls, msg: IngestMessage, reason: RejectReason, detail: str, stage: str) -> Reject:
+        try:
+            text, encoding = msg.payload.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            text, encoding = base64.b64encode(msg.payload).decode("ascii"), "base64"
+        return cls(
+            reason=reason,
+            detail=detail,
+            topic=msg.topic,
+            payload=text,
+            payload_encoding=encoding,
+            received_at=msg.received_at,
+            stage=stage,
+            ingest_seq=msg.ingest_seq,
+        )
+
+    @property
+    def msg_id(self) -> str:
+        return f"dlq:{self.stage}:{self.ingest_seq}:{self.reason}"
+
+
+def interval_end(ts: datetime) -> datetime:
+    """End of the 15-minute interval (end - 15 min, end] that holds `ts` (design §5).
+
+    Rounds up to the quarter hour in UTC; quarter hours coincide in UTC and Europe/Zurich,
+    so the result is DST-safe. A reading exactly on a quarter hour closes that interval.
+    """
+    utc = ts.astimezone(UTC)
+    us = _epoch_us(utc)
+    quarter_us = 15 * 60 * 1_000_000
+    end_us = -(-us // quarter_us) * quarter_us
+    return datetime.fromtimestamp(0, UTC) + timedelta(microseconds=end_us)
+
+
+def _epoch_us(ts: datetime) -> int:
+    delta = ts.astimezone(UTC) - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _canonical(value: Decimal | None) -> str:
+    return "-" if value is None else format(value.normalize(), "f")

@@ -1,0 +1,39 @@
+"""The pure half of the MQTT bridge: an MQTT message becomes an ingest envelope and a subject.
+
+The payload is carried untouched; the topic and receive time travel with it. The subject
+`ingest.{organizationId}.{einheitId}` uses the topic's tokens only where they are safe NATS
+subject tokens; anything else (a `.`, `*`, `>` or space in a token, a token that is too long)
+goes to `ingest.unroutable`, where validate rejects it with its reason.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+from schemas.messages import IngestMessage
+
+#: What the bridge subscribes to (QoS 1, persistent session).
+SUBSCRIPTION = "zev/+/+/messwert"
+
+_SAFE_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+UNROUTABLE_SUBJECT = "ingest.unroutable"
+
+
+def to_ingest(topic: str, payload: bytes, received_at: datetime) -> IngestMessage:
+    """Wrap one MQTT message; the payload is not inspected here."""
+    return IngestMessage(topic=topic, payload=payload, received_at=received_at)
+
+
+def ingest_subject(topic: str) -> str:
+    """The JetStream subject for an MQTT topic (`zev/{org}/{einheit}/messwert`)."""
+    parts = topic.split("/")
+    if (
+        len(parts) == 4
+        and parts[0] == "zev"
+        and parts[3] == "messwert"
+        and _SAFE_TOKEN.fullmatch(parts[1])
+        and _SAFE_TOKEN.fullmatch(parts[2])
+    ):
+        return f"ingest.{parts[1]}.{parts[2]}"
+    return UNROUTABLE_SUBJECT

@@ -1,0 +1,127 @@
+"""persist: upsert a batch of readings into `zaehler_rohdaten` and report which rows changed.
+
+One statement per batch (`INSERT … SELECT FROM unnest(…) ON CONFLICT DO UPDATE`). PostgreSQL
+refuses to touch one row twice in a statement, so the batch is first collapsed per key,
+keeping the later reading (broker order: last write wins). A row whose values change is reset
+to `verarbeitet = FALSE` so its interval is summed again; an unchanged repeat is a no-op and
+yields nothing. Rows are written in key order so concurrent writers lock them in one order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+import asyncpg
+import structlog
+
+from schemas.messages import IngestMessage, Persisted, Reading, Reject, RejectReason
+
+log = structlog.get_logger("stages.persist")
+
+STAGE = "persist"
+
+UPSERT_SQL = """
+INSERT INTO zaehler_rohdaten AS z (
+    einheit_id, organization_id, timestamp, verbrauch, einspeisung,
+    zaehlerstand_verbrauch, zaehlerstand_einspeisung, empfangen_am)
+SELECT * FROM unnest(
+    $1::bigint[], $2::uuid[], $3::timestamptz[], $4::numeric[], $5::numeric[],
+    $6::numeric[], $7::numeric[], $8::timestamptz[])
+ON CONFLICT (einheit_id, timestamp) DO UPDATE SET
+    organization_id = EXCLUDED.organization_id,
+    verbrauch = EXCLUDED.verbrauch,
+    einspeisung = EXCLUDED.einspeisung,
+    zaehlerstand_verbrauch = EXCLUDED.zaehlerstand_verbrauch,
+    zaehlerstand_einspeisung = EXCLUDED.zaehlerstand_einspeisung,
+    empfangen_am = EXCLUDED.empfangen_am,
+    verarbeitet = FALSE,
+    verarbeitet_am = NULL
+WHERE (z.verbrauch, z.einspeisung, z.zaehlerstand_verbrauch, z.zaehlerstand_einspeisung)
+    IS DISTINCT FROM (EXCLUDED.verbrauch, EXCLUDED.einspeisung,
+                      EXCLUDED.zaehlerstand_verbrauch, EXCLUDED.zaehlerstand_einspeisung)
+RETURNING einheit_id, timestamp
+"""
+
+
+class Pool(Protocol):
+    async def fetch(self, query: str, *args: Any) -> list[Any]: ...
+
+
+def collapse(batch: Sequence[Reading]) -> list[Reading]:
+    """One reading per key, the later one winning, in key order."""
+    latest: dict[tuple[int, datetime], Reading] = {}
+    for reading in batch:
+        latest[reading.key] = reading
+    return [latest[key] for key in sorted(latest)]
+
+
+class Persist:
+    """Stage `persist` (batched): readings -> `Persisted` for every inserted or changed row."""
+
+    batched = True
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+
+    async def __call__(self, batch: Sequence[Reading]) -> list[Persisted | Reject]:
+        rows = collapse(batch)
+        if not rows:
+            return []
+        try:
+            changed = await self._upsert(rows)
+        except (asyncpg.ForeignKeyViolationError, asyncpg.DataError, asyncpg.IntegrityConstraintViolationError):
+            # One poison row must not fail its batch-mates: retry them one at a time.
+            return await self._one_by_one(rows)
+        return _persisted(rows, changed)
+
+    async def _upsert(self, rows: Sequence[Reading]) -> set[tuple[int, datetime]]:
+        result = await self._pool.fetch(
+            UPSERT_SQL,
+            [r.einheit_id for r in rows],
+            [r.organization_id for r in rows],
+            [r.timestamp for r in rows],
+            [r.verbrauch for r in rows],
+            [r.einspeisung for r in rows],
+            [r.zaehlerstand_verbrauch for r in rows],
+            [r.zaehlerstand_einspeisung for r in rows],
+            [r.received_at for r in rows],
+        )
+        return {(rec["einheit_id"], rec["timestamp"]) for rec in result}
+
+    async def _one_by_one(self, rows: Sequence[Reading]) -> list[Persisted | Reject]:
+        out: list[Persisted | Reject] = []
+        for row in rows:
+            try:
+                changed = await self._upsert([row])
+            except (asyncpg.ForeignKeyViolationError, asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+                log.warning("row refused by the database", einheit_id=row.einheit_id, error=str(exc))
+                out.append(_reject(row, exc))
+                continue
+            out.extend(_persisted([row], changed))
+        return out
+
+
+def _persisted(rows: Sequence[Reading], changed: set[tuple[int, datetime]]) -> list[Persisted | Reject]:
+    return [
+        Persisted(
+            organization_id=r.organization_id,
+            einheit_id=r.einheit_id,
+            timestamp=r.timestamp,
+            content_hash=r.content_hash,
+            ingest_seq=r.ingest_seq,
+        )
+        for r in rows
+        if r.key in changed
+    ]
+
+
+def _reject(row: Reading, exc: Exception) -> Reject:
+    original = IngestMessage(
+        topic=f"zev/{row.organization_id}/{row.einheit_id}/messwert",
+        payload=row.model_dump_json().encode(),
+        received_at=row.received_at,
+        ingest_seq=row.ingest_seq,
+    )
+    return Reject.of(original, RejectReason.PERSIST_FAILED, f"database refused the row: {exc}", STAGE)

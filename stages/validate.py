@@ -1,0 +1,258 @@
+"""validate: topic and payload of an ingest message become a `Reading`, or a `Reject` with a reason.
+
+Covers design §3: malformed JSON, wrong types, bad timestamps, negative or oversized values,
+bad topics, unknown units and units of another organization (a security event, logged as
+an error). A reading in the future is stored anyway, with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Protocol
+from uuid import UUID
+
+import structlog
+from pydantic import ValidationError
+
+from schemas.messages import IngestMessage, Reading, Reject, RejectReason
+from schemas.payload import MesswertPayload
+
+log = structlog.get_logger("stages.validate")
+
+STAGE = "validate"
+DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024
+#: A reading further ahead than this (clock skew allowance) is logged as being in the future.
+FUTURE_TOLERANCE = timedelta(seconds=60)
+
+_REASON_BY_ERROR = {
+    "missing": RejectReason.MISSING_FIELD,
+    "invalid_timestamp": RejectReason.INVALID_TIMESTAMP,
+    "negative_value": RejectReason.NEGATIVE_VALUE,
+    "out_of_range": RejectReason.OUT_OF_RANGE,
+}
+
+
+class _Refused(Exception):
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class UnitDirectory(Protocol):
+    """Where validate learns which organization a unit belongs to."""
+
+    async def organization_of(self, einheit_id: int) -> UUID | None: ...
+
+
+class Pool(Protocol):
+    async def fetch(self, query: str, *args: Any) -> list[Any]: ...
+
+    async def fetchrow(self, query: str, *args: Any) -> Any: ...
+
+
+class EinheitCache:
+    """Units from the `einheit` table, cached.
+
+    A unit not in the cache is looked up at once (and a miss remembered for `miss_ttl_s`), so
+    a unit inserted while the pipeline runs is recognised within that time; the whole table
+    is re-read every `refresh_s` to notice a unit that moved to another organization.
+    """
+
+    def __init__(self, pool: Pool, *, refresh_s: float = 30.0, miss_ttl_s: float = 1.0) -> None:
+        self._pool = pool
+        self._refresh_s = refresh_s
+        self._miss_ttl_s = miss_ttl_s
+        self._units: dict[int, UUID] = {}
+        self._misses: dict[int, float] = {}
+        self._loaded_at = float("-inf")
+
+    async def organization_of(self, einheit_id: int) -> UUID | None:
+        now = time.monotonic()
+        if now - self._loaded_at > self._refresh_s:
+            rows = await self._pool.fetch("SELECT id, organization_id FROM einheit")
+            self._units = {row["id"]: row["organization_id"] for row in rows}
+            self._misses.clear()
+            self._loaded_at = now
+        org = self._units.get(einheit_id)
+        if org is not None:
+            return org
+        missed_at = self._misses.get(einheit_id)
+        if missed_at is not None and now - missed_at < self._miss_ttl_s:
+            return None
+        row = await self._pool.fetchrow(
+            "SELECT organization_id FROM einheit WHERE id = $1", einheit_id
+        )
+        if row is None:
+            if len(self._misses) > 100_000:  # a flood of made-up ids must not grow memory
+                self._misses.clear()
+            self._misses[einheit_id] = now
+            return None
+        self._units[einheit_id] = row["organization_id"]
+        return row["organization_id"]  # type: ignore[no-any-return]
+
+
+def parse_topic(topic: str) -> tuple[UUID, int]:
+    """`zev/{organizationId}/{einheitId}/messwert` -> (organization UUID, positive unit id)."""
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] != "zev" or parts[3] != "messwert":
+        raise _Refused(RejectReason.INVALID_TOPIC, f"topic {topic[:200]!r} is not zev/{{org}}/{{einheit}}/messwert")
+    org_text, unit_text = parts[1], parts[2]
+    try:
+        if len(org_text) not in (32, 36):
+            raise ValueError
+        org = UUID(org_text)
+    except ValueError:
+        raise _Refused(
+            RejectReason.INVALID_TOPIC, f"organizationId {org_text[:80]!r} is not a UUID"
+        ) from None
+    if not (unit_text.isascii() and unit_text.isdigit() and len(unit_text) <= 18):
+        raise _Refused(
+            RejectReason.INVALID_TOPIC, f"einheitId {unit_text[:80]!r} is not a positive integer"
+        )
+    einheit_id = int(unit_text)
+    if einheit_id <= 0:
+        raise _Refused(RejectReason.INVALID_TOPIC, f"einheitId {unit_text!r} is not positive")
+    return org, einheit_id
+
+
+def _no_constants(name: str) -> Any:
+    raise _Refused(RejectReason.INVALID_NUMBER, f"{name} is not a number JSON allows")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        keys = [key for key, _ in pairs]
+        dupes = sorted({key for key in keys if keys.count(key) > 1})
+        raise _Refused(RejectReason.INVALID_JSON, f"duplicate keys {dupes[:5]}")
+    return result
+
+
+def parse_payload(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> MesswertPayload:
+    """Decode and validate a payload; raises `_Refused` with the reason of the first problem."""
+    if len(payload) > max_bytes:
+        raise _Refused(
+            RejectReason.PAYLOAD_TOO_LARGE, f"payload of {len(payload)} bytes exceeds {max_bytes}"
+        )
+    if not payload.strip():
+        raise _Refused(RejectReason.INVALID_JSON, "payload is empty")
+    try:
+        text = payload.decode("utf-8")
+        # Numbers parse straight to Decimal (no float rounding); NaN/Infinity and duplicate
+        # keys, which json accepts by default, are refused.
+        data = json.loads(
+            text,
+            parse_float=Decimal,
+            parse_int=Decimal,
+            parse_constant=_no_constants,
+            object_pairs_hook=_unique_keys,
+        )
+    except UnicodeDecodeError as exc:
+        raise _Refused(RejectReason.INVALID_JSON, f"payload is not UTF-8: {exc.reason}") from None
+    except json.JSONDecodeError as exc:
+        raise _Refused(RejectReason.INVALID_JSON, f"payload is not JSON: {exc.msg} at {exc.pos}") from None
+    except RecursionError:
+        raise _Refused(RejectReason.INVALID_JSON, "payload is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise _Refused(
+            RejectReason.NOT_AN_OBJECT, f"payload is a JSON {type(data).__name__}, not an object"
+        )
+    try:
+        return MesswertPayload.model_validate(data)
+    except ValidationError as exc:
+        raise _refusal_of(exc) from None
+
+
+def _refusal_of(exc: ValidationError) -> _Refused:
+    errors = exc.errors(include_url=False, include_input=True)
+    first = errors[0]
+    field = ".".join(str(p) for p in first["loc"]) or "payload"
+    kind = first["type"]
+    reason = _REASON_BY_ERROR.get(kind)
+    if reason is None:
+        if first.get("input", ...) is None and field in _REQUIRED:
+            reason = RejectReason.MISSING_FIELD
+        else:
+            reason = RejectReason.INVALID_NUMBER
+    detail = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'])}: {_message(e)}" for e in errors[:5]
+    )
+    return _Refused(reason, detail)
+
+
+_REQUIRED = {"timestamp", "verbrauch", "einspeisung"}
+
+
+def _message(error: Any) -> str:
+    if error["type"] == "missing":
+        return "required field is missing"
+    if error["type"] == "is_instance_of":
+        value = error.get("input")
+        if value is None:
+            return "must not be null"
+        return f"must be a JSON number, got {type(value).__name__} {str(value)[:40]!r}"
+    return str(error["msg"])
+
+
+class Validate:
+    """Stage `validate`: ingest message -> `Reading` on `valid.…`, or `Reject` on `dlq.…`."""
+
+    def __init__(
+        self,
+        units: UnitDirectory,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    ) -> None:
+        self._units = units
+        self._clock = clock
+        self._max_payload_bytes = max_payload_bytes
+
+    async def __call__(self, msg: IngestMessage) -> list[Reading | Reject]:
+        try:
+            return [await self._validate(msg)]
+        except _Refused as refused:
+            self._log_reject(msg, refused)
+            return [Reject.of(msg, refused.reason, refused.detail, STAGE)]
+
+    async def _validate(self, msg: IngestMessage) -> Reading:
+        org, einheit_id = parse_topic(msg.topic)
+        payload = parse_payload(msg.payload, self._max_payload_bytes)
+        owner = await self._units.organization_of(einheit_id)
+        if owner is None:
+            raise _Refused(RejectReason.UNKNOWN_UNIT, f"einheit {einheit_id} is unknown")
+        if owner != org:
+            raise _Refused(
+                RejectReason.ORGANIZATION_MISMATCH,
+                f"einheit {einheit_id} does not belong to organization {org}",
+            )
+        if payload.timestamp - self._clock() > FUTURE_TOLERANCE:
+            log.warning(
+                "reading in the future, stored anyway",
+                einheit_id=einheit_id,
+                timestamp=payload.timestamp.isoformat(),
+            )
+        return Reading(
+            organization_id=org,
+            einheit_id=einheit_id,
+            timestamp=payload.timestamp.astimezone(UTC),
+            verbrauch=payload.verbrauch,
+            einspeisung=payload.einspeisung,
+            zaehlerstand_verbrauch=payload.zaehlerstand_verbrauch,
+            zaehlerstand_einspeisung=payload.zaehlerstand_einspeisung,
+            received_at=msg.received_at,
+            ingest_seq=msg.ingest_seq,
+        )
+
+    @staticmethod
+    def _log_reject(msg: IngestMessage, refused: _Refused) -> None:
+        fields = {"reason": str(refused.reason), "detail": refused.detail, "topic": msg.topic[:200]}
+        if refused.reason is RejectReason.ORGANIZATION_MISMATCH:
+            log.error("security: unit published under another organization", **fields)
+        else:
+            log.warning("message rejected", **fields)
