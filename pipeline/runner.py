@@ -186,7 +186,7 @@ class ChainRunner:
         while not self._stop.is_set():
             try:
                 msgs = await sub.fetch(batch=self._batch_size, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except (TimeoutError, nats.errors.TimeoutError):
                 continue
             except Exception as exc:
                 self.last_error = repr(exc)

@@ -19,7 +19,6 @@ from schemas.output import MesswertMessage
 from stages.mqtt_bridge import SUBSCRIPTION, ingest_subject
 
 DAY_S = 86_400.0
-GIB = 1024**3
 DUPLICATE_WINDOW_S = 120.0
 
 
@@ -29,7 +28,9 @@ class Stream:
     subjects: tuple[str, ...]
     work_queue: bool = True
     max_age_s: float = 7 * DAY_S
-    max_bytes: int = 4 * GIB
+    # Bounded by count, not bytes: JetStream reserves a byte limit against the disk up front,
+    # which fails on small disks even while the stream is empty.
+    max_msgs: int = 20_000_000
 
     def config(self) -> StreamConfig:
         return StreamConfig(
@@ -39,7 +40,7 @@ class Stream:
             discard=DiscardPolicy.NEW if self.work_queue else DiscardPolicy.OLD,
             storage=StorageType.FILE,
             max_age=self.max_age_s,
-            max_bytes=self.max_bytes,
+            max_msgs=self.max_msgs,
             duplicate_window=DUPLICATE_WINDOW_S,
         )
 
@@ -49,10 +50,8 @@ STREAMS: tuple[Stream, ...] = (
     Stream("VALID", ("valid.>",)),
     Stream("UNIQUE", ("unique.>",)),
     Stream("PERSISTED", ("persisted.>",)),
-    Stream("DLQ", ("dlq.>",), work_queue=False, max_age_s=14 * DAY_S, max_bytes=1 * GIB),
-    Stream(
-        "MESSWERTE", ("messwerte.>",), work_queue=False, max_age_s=400 * DAY_S, max_bytes=50 * GIB
-    ),
+    Stream("DLQ", ("dlq.>",), work_queue=False, max_age_s=14 * DAY_S, max_msgs=1_000_000),
+    Stream("MESSWERTE", ("messwerte.>",), work_queue=False, max_age_s=400 * DAY_S),
 )
 
 
