@@ -36,6 +36,7 @@ log = structlog.get_logger("pipeline.app")
 Mode = Literal["split", "fused"]
 DB_STAGES = {"validate", "persist", "window_aggregate", "publish"}
 DRAIN_TIMEOUT_S = 8.0
+COALESCE_S = 0.25
 
 
 def chains(stages: Iterable[str], mode: Mode) -> list[list[str]]:
@@ -171,10 +172,19 @@ class Pipeline:
                 self.aggregation.record(ok=True, intervals=run.intervals, rows=run.summed, changed=run.changed)
                 if run.intervals:
                     log.info("intervals aggregated", intervals=run.intervals, rows=run.summed, changed=run.changed)
-            try:
-                await asyncio.wait_for(self.stop.wait(), timeout=self.settings.sweep_interval_seconds)
-            except TimeoutError:
-                pass
+            window.due.clear()
+            stop = asyncio.ensure_future(self.stop.wait())
+            due = asyncio.ensure_future(window.due.wait())
+            await asyncio.wait(
+                {stop, due},
+                timeout=self.settings.sweep_interval_seconds,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            for waiter in (stop, due):
+                waiter.cancel()
+            if due.done() and not stop.done():
+                # A late reading woke us: let the rest of its burst arrive, then sum once.
+                await asyncio.sleep(COALESCE_S)
 
 
 def _pool_alive(pool: asyncpg.Pool | None) -> bool:

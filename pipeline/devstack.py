@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 START_TIMEOUT_S = 30.0
@@ -176,7 +177,9 @@ class Postgres(_Process):
 
     @staticmethod
     def _bin(name: str) -> str:
-        from pgserver._commands import POSTGRES_BIN_PATH
+        with warnings.catch_warnings():  # pgserver asks platformdirs for a runtime dir on import
+            warnings.simplefilter("ignore")
+            from pgserver._commands import POSTGRES_BIN_PATH
 
         return str(POSTGRES_BIN_PATH / name)
 

@@ -14,6 +14,7 @@ Either way the same stage callables run and the same rules hold (design §10):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import random
 import time
@@ -181,6 +182,8 @@ class ChainRunner:
         finally:
             lag.cancel()
             self.healthy = False
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def _consume(self, sub: Any) -> None:
         while not self._stop.is_set():

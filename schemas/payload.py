@@ -30,6 +30,8 @@ _ISO_TIMESTAMP = re.compile(
 
 
 def _parse_timestamp(value: Any) -> datetime:
+    if value is None:
+        raise PydanticCustomError("null_field", "required field is null")
     if not isinstance(value, str):
         raise PydanticCustomError(
             "invalid_timestamp", "timestamp must be an ISO 8601 string, got {kind}",

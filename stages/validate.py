@@ -30,6 +30,7 @@ FUTURE_TOLERANCE = timedelta(seconds=60)
 
 _REASON_BY_ERROR = {
     "missing": RejectReason.MISSING_FIELD,
+    "null_field": RejectReason.MISSING_FIELD,
     "invalid_timestamp": RejectReason.INVALID_TIMESTAMP,
     "negative_value": RejectReason.NEGATIVE_VALUE,
     "out_of_range": RejectReason.OUT_OF_RANGE,

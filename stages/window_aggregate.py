@@ -6,6 +6,10 @@ interval that still has unprocessed raw rows (which is also the catch-up after a
 `Persisted` event for an already closed interval (late reading or correction) aggregates that
 interval at once.
 
+The event path does not aggregate by itself: it sets `due`, which wakes the sweeper early.
+A backfill that delivers one closed interval's readings over several batches is so summed
+once, not once per batch, and the database stays the only source of what is due.
+
 One statement per set of intervals does, in one transaction: lock the intervals' raw rows in
 key order, sum *all* of them (never only the unprocessed ones), upsert `messwerte` with
 `quelle='MQTT'` raising `revision` only when something changed, append each changed row to the
@@ -15,6 +19,7 @@ the lock (and summed) or reset to unprocessed after it (and summed by the next s
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -122,16 +127,16 @@ class WindowAggregate:
         self._pool = pool
         self.grace = grace
         self._clock = clock
+        #: Set when a row of an already closed interval changed: sweep soon.
+        self.due = asyncio.Event()
 
     def is_closed(self, end: datetime) -> bool:
         return end + self.grace <= self._clock()
 
-    async def __call__(self, batch: Sequence[Persisted]) -> list[AggregationRun]:
-        due = {(p.einheit_id, interval_end(p.timestamp)) for p in batch}
-        closed = [key for key in due if self.is_closed(key[1])]
-        if not closed:
-            return []
-        return [await self.aggregate(closed)]
+    def __call__(self, batch: Sequence[Persisted]) -> list[AggregationRun]:
+        if any(self.is_closed(interval_end(p.timestamp)) for p in batch):
+            self.due.set()
+        return []
 
     async def sweep(self) -> AggregationRun:
         """Aggregate every closed interval that still has unprocessed raw rows."""

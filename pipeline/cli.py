@@ -1,0 +1,73 @@
+"""Command line (`pipeline`, also `python -m pipeline`): demo, migrate, run (design §8)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+
+from pipeline.config import Settings
+from pipeline.logging import configure
+from pipeline.topology import STAGE_NAMES
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    demo = verbs.add_parser("demo", help="run everything on embedded servers with a simulated fleet")
+    demo.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds")
+    verbs.add_parser("migrate", help="create or upgrade the schema in PIPELINE_DATABASE_URL")
+    run = verbs.add_parser("run", help="run stages against the configured services")
+    run.add_argument(
+        "--stage", action="append", choices=STAGE_NAMES, metavar="NAME",
+        help=f"run only this stage (repeatable): {', '.join(STAGE_NAMES)}",
+    )
+    run.add_argument("--mode", choices=("split", "fused"), default="fused")
+    return parser
+
+
+async def _run_workers(settings: Settings, stages: Sequence[str], mode: str) -> None:
+    from pipeline.app import Pipeline
+
+    pipeline = Pipeline(settings, stages, mode)  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, pipeline.stop.set)
+    await pipeline.run()
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - Windows
+        return
+    uvloop.install()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.verb == "demo":
+        configure("json" if not sys.stderr.isatty() else "console", "warning")
+        from pipeline.demo import run_demo
+
+        _use_uvloop()
+        return run_demo(args.duration)
+    settings = Settings()
+    configure(settings.log_format, settings.log_level)
+    if args.verb == "migrate":
+        from pipeline.migrations import migrate
+
+        applied = asyncio.run(migrate(settings.database_url))
+        print(f"migrate: applied {applied or 'nothing, schema is current'}")
+        return 0
+    if args.verb == "run":
+        _use_uvloop()
+        asyncio.run(_run_workers(settings, args.stage or STAGE_NAMES, args.mode))
+        return 0
+    return 2  # pragma: no cover - argparse rejects unknown verbs
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

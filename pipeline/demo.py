@@ -1,0 +1,200 @@
+"""`pipeline demo`: the whole pipeline on embedded servers, a simulated fleet and a live view.
+
+Starts a private nats-server with JetStream (its MQTT listener is the broker unless
+PIPELINE_MQTT_URL names one), an embedded PostgreSQL, migrates, registers demo units in two
+organizations, runs every stage fused in this process, backfills two hours of readings and then
+publishes live. Everything it started is stopped on exit, also after Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from collections import deque
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import nats
+
+from pipeline.app import Pipeline
+from pipeline.config import Settings
+from pipeline.devstack import NatsServer, Postgres
+from pipeline.fleet import Fleet, Unit
+from pipeline.metrics import Metrics
+from pipeline.migrations import migrate
+
+ORGANIZATIONS = (
+    uuid.UUID("550e8400-e29b-41d4-a716-446655440000"),
+    uuid.UUID("6ba7b810-9dad-11d1-80b4-00c04fd430c8"),
+)
+UNITS_PER_ORG = 20
+DEMO_GRACE_S = 5.0
+
+
+def _counter(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels or None)
+    return value or 0.0
+
+
+class LiveView:
+    """Once a second: readings/s per stage, consumer lag, the latest published messwerte."""
+
+    def __init__(self, metrics: Metrics, tty: bool) -> None:
+        self._metrics = metrics
+        self._tty = tty
+        self.latest: deque[dict[str, Any]] = deque(maxlen=8)
+        self.published = 0
+        self._previous: dict[str, float] = {}
+        self._last_print = time.monotonic()
+        self._last_rates = time.monotonic()
+
+    def on_message(self, data: bytes) -> None:
+        self.published += 1
+        self.latest.appendleft(json.loads(data))
+
+    def render(self, fleet_published: int, elapsed_s: float) -> None:
+        if not self._tty and time.monotonic() - self._last_print < 10:
+            return
+        self._last_print = time.monotonic()
+        span_s = max(time.monotonic() - self._last_rates, 1e-3)
+        self._last_rates = time.monotonic()
+        stages = ("mqtt_bridge", "validate", "dedupe", "persist", "window_aggregate", "publish")
+        rates = []
+        for stage in stages:
+            name = "pipeline_stage_messages_in_total"
+            if stage in ("mqtt_bridge", "publish"):
+                name = "pipeline_stage_messages_out_total"
+                total = sum(
+                    _counter(self._metrics, name, stage=stage, outcome=o)
+                    for o in ("ingestmessage", "messwertmessage")
+                )
+            else:
+                total = _counter(self._metrics, name, stage=stage)
+            rate = (total - self._previous.get(stage, 0.0)) / span_s
+            self._previous[stage] = total
+            rates.append(f"{stage} {rate:>5.0f}/s")
+        lag = _counter(self._metrics, "pipeline_consumer_pending_messages", stage="validate")
+        failed = _counter(self._metrics, "zev_mqtt_messages_failed_total")
+        if self._tty:
+            lines = [
+                f"messwerte pipeline demo — {elapsed_s:5.0f}s — readings sent {fleet_published}, "
+                f"messwerte published {self.published}, rejected {failed:.0f}, lag {lag:.0f}",
+                "  " + " | ".join(rates),
+                "",
+                "  latest messwerte (zeit, unit, verbrauch kWh, einspeisung kWh, readings, revision):",
+            ]
+            for m in self.latest:
+                lines.append(
+                    f"    {m['zeit']}  {m['organizationId'][:8]}…/{m['einheitId']:<4} "
+                    f"{m['verbrauch']:>9.4f} {m['einspeisung']:>9.4f} {m['anzahlRohwerte']:>4} "
+                    f"r{m['revision']}"
+                )
+            sys.stdout.write("\x1b[H\x1b[2J" + "\n".join(lines) + "\n")
+            sys.stdout.flush()
+        else:
+            print(
+                f"[{elapsed_s:4.0f}s] sent {fleet_published}, published {self.published}, "
+                f"lag {lag:.0f}; " + ", ".join(rates),
+                flush=True,
+            )
+
+
+async def _run(duration_s: float | None, workdir: Path) -> tuple[int, int]:
+    external_mqtt = os.environ.get("PIPELINE_MQTT_URL")
+    nats_server = NatsServer(workdir / "nats", mqtt=external_mqtt is None)
+    postgres = Postgres(workdir / "postgres")
+    try:
+        nats_server.start()
+        postgres.start()
+        mqtt_url = external_mqtt or nats_server.mqtt_url
+        await migrate(postgres.dsn)
+        units = [
+            Unit(org, index * 100 + n)
+            for index, org in enumerate(ORGANIZATIONS, start=1)
+            for n in range(1, UNITS_PER_ORG + 1)
+        ]
+        conn = await asyncpg.connect(postgres.dsn)
+        await conn.executemany(
+            "INSERT INTO einheit (id, organization_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            [(u.einheit_id, u.organization_id) for u in units],
+        )
+        await conn.close()
+        settings = Settings(
+            mqtt_url=mqtt_url,
+            nats_url=nats_server.url,
+            database_url=postgres.dsn,
+            window_grace_seconds=DEMO_GRACE_S,
+            http_port=int(os.environ.get("PIPELINE_HTTP_PORT", "8000")),
+            mqtt_client_id="messwerte-demo-bridge",
+        )
+        pipeline = Pipeline(settings, mode="fused")
+        view = LiveView(pipeline.metrics, sys.stdout.isatty())
+        task = asyncio.create_task(pipeline.run())
+        await asyncio.wait_for(pipeline.ready.wait(), 60)
+        nc = await nats.connect(nats_server.url)
+
+        async def on_messwert(msg: Any) -> None:
+            view.on_message(msg.data)
+
+        await nc.subscribe("messwerte.>", cb=on_messwert)
+        fleet = Fleet(mqtt_url, units)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        started = time.monotonic()
+        print(f"demo: {len(units)} units in 2 organizations; backfilling the last two hours", flush=True)
+        now = datetime.now(UTC).replace(second=0, microsecond=0)
+        feeder = asyncio.create_task(_feed(fleet, now, stop))
+        while not stop.is_set():
+            elapsed = time.monotonic() - started
+            if duration_s is not None and elapsed >= duration_s:
+                break
+            view.render(fleet.published, elapsed)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+        stop.set()
+        await feeder
+        await _settle(pipeline, fleet.published)
+        pipeline.stop.set()
+        await task
+        await nc.close()
+        readings = int(_counter(pipeline.metrics, "zev_mqtt_messages_received_total"))
+        return readings, int(_counter(pipeline.metrics, "pipeline_messwerte_published_total"))
+    finally:
+        nats_server.stop()
+        postgres.stop()
+
+
+async def _feed(fleet: Fleet, now: datetime, stop: asyncio.Event) -> None:
+    await fleet.backfill(timedelta(hours=2), timedelta(minutes=1), now)
+    await fleet.live(timedelta(seconds=5), stop)
+
+
+async def _settle(pipeline: Pipeline, sent: int, timeout_s: float = 10.0) -> None:
+    """Give the bridge a moment to take what the fleet sent, so the summary adds up."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _counter(pipeline.metrics, "zev_mqtt_messages_received_total") >= sent:
+            return
+        await asyncio.sleep(0.1)
+
+
+def run_demo(duration_s: float | None) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="messwerte-demo-"))
+    try:
+        readings, published = asyncio.run(_run(duration_s, workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"demo: {readings} readings, {published} messwerte published", flush=True)
+    return 0

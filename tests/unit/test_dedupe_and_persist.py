@@ -1,0 +1,72 @@
+"""Stages `dedupe` and the pure half of `persist`."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from schemas.messages import Reading
+from stages.dedupe import Dedupe
+from stages.persist import collapse
+
+ORG = uuid.uuid4()
+T = datetime(2025, 1, 1, 14, 5, tzinfo=UTC)
+
+
+def reading(seq: int, verbrauch: str = "1.5", unit: int = 1, at: datetime = T) -> Reading:
+    return Reading(
+        organization_id=ORG, einheit_id=unit, timestamp=at, verbrauch=Decimal(verbrauch),
+        einspeisung=Decimal("0"), received_at=T, ingest_seq=seq,
+    )
+
+
+def test_exact_repeat_is_dropped() -> None:
+    dedupe = Dedupe()
+    assert dedupe(reading(1)) == [reading(1)]
+    assert dedupe(reading(2)) == []
+    assert dedupe.duplicates == 1
+
+
+def test_same_value_written_differently_is_a_repeat() -> None:
+    dedupe = Dedupe()
+    dedupe(reading(1, "1.5"))
+    assert dedupe(reading(2, "1.5000")) == []
+
+
+def test_changed_values_pass_as_an_update() -> None:
+    dedupe = Dedupe()
+    dedupe(reading(1, "1.5"))
+    assert dedupe(reading(2, "2.0")) == [reading(2, "2.0")]
+
+
+def test_reverting_to_an_earlier_value_is_an_update_not_a_repeat() -> None:
+    dedupe = Dedupe()
+    dedupe(reading(1, "1.5"))
+    dedupe(reading(2, "2.0"))
+    assert dedupe(reading(3, "1.5")) == [reading(3, "1.5")]
+
+
+def test_redelivery_of_the_same_message_passes_again() -> None:
+    """Its first pass may never have reached the next subject; downstream is idempotent."""
+    dedupe = Dedupe()
+    dedupe(reading(5))
+    assert dedupe(reading(5)) == [reading(5)]
+
+
+def test_other_units_and_timestamps_are_independent() -> None:
+    dedupe = Dedupe()
+    dedupe(reading(1))
+    assert dedupe(reading(2, unit=2)) != []
+    assert dedupe(reading(3, at=T.replace(minute=6))) != []
+
+
+def test_collapse_keeps_the_later_reading_of_a_key() -> None:
+    batch = [reading(1, "1.0"), reading(2, "9.0", unit=2), reading(3, "2.0")]
+    collapsed = collapse(batch)
+    assert [(r.einheit_id, r.verbrauch) for r in collapsed] == [(1, Decimal("2.0")), (2, Decimal("9.0"))]
+
+
+def test_collapse_orders_by_key() -> None:
+    batch = [reading(1, unit=3), reading(2, unit=1), reading(3, unit=2)]
+    assert [r.einheit_id for r in collapse(batch)] == [1, 2, 3]
