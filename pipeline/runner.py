@@ -145,6 +145,12 @@ class ChainRunner:
         self._out = JetStreamOut(js, stop)
         self.healthy = False
         self.last_error: str | None = None
+        # Labelled series exist from start-up, so dashboards and alerts see zeros, not gaps.
+        metrics.stage_batch_latency.labels(self.name)
+        metrics.consumer_pending.labels(self.first.name)
+        for step in self.steps:
+            metrics.retry_queue_depth.labels(step.spec.name)
+            metrics.stage_in.labels(step.spec.name)
 
     async def _subscribe(self) -> Any:
         assert self.first.stream is not None

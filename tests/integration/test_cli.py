@@ -1,0 +1,102 @@
+"""The console script as operators run it: `pipeline migrate`, `pipeline run`, `pipeline demo`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+
+from pipeline.devstack import free_port
+from tests.conftest import eventually
+from tests.integration.support import body, publish, topic
+
+PIPELINE = [sys.executable, "-m", "pipeline"]
+
+
+def env(**values: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    base.update({f"PIPELINE_{k.upper()}": v for k, v in values.items()})
+    base["PIPELINE_LOG_FORMAT"] = "json"
+    return base
+
+
+async def test_migrate_creates_the_schema(postgres_server) -> None:
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(postgres_server.dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        for _ in range(2):  # idempotent
+            done = subprocess.run(
+                [*PIPELINE, "migrate"], env=env(database_url=postgres_server.dsn_for(name)),
+                capture_output=True, text=True, timeout=60, check=False,
+            )
+            assert done.returncode == 0, done.stderr
+        conn = await asyncpg.connect(postgres_server.dsn_for(name))
+        tables = {r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        await conn.close()
+        assert {"einheit", "zaehler_rohdaten", "messwerte"} <= tables
+    finally:
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_run_processes_readings_and_exits_0_on_sigterm(database, nats_server, mqtt_broker, db, tmp_path: Path) -> None:
+    org = uuid.uuid4()
+    await db.execute("INSERT INTO einheit VALUES (5, $1)", org)
+    log = (tmp_path / "run.log").open("w")
+    proc = subprocess.Popen(
+        [*PIPELINE, "run"],
+        env=env(mqtt_url=mqtt_broker.url, nats_url=nats_server.url, database_url=database,
+                window_grace_seconds="5", http_port=str(free_port())),
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        at = datetime.now(UTC) - timedelta(hours=1)
+        await eventually(lambda: db.fetchval("SELECT count(*) FROM pipeline_schema_migrations"), lambda n: n >= 1)
+        await eventually(
+            lambda: publish(mqtt_broker.url, []) , lambda _: "MQTT subscribed" in (tmp_path / "run.log").read_text(),
+        )
+        await publish(mqtt_broker.url, [(topic(org, 5), body(at, "1.25"))])
+        await eventually(lambda: db.fetchval("SELECT verbrauch FROM messwerte"), lambda v: v is not None, timeout_s=30)
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert proc.wait(15) == 0
+        assert time.monotonic() - started < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_demo_ends_with_its_summary_and_leaves_no_process_behind(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*PIPELINE, "demo", "--duration", "20"], env=env(http_port="0"),
+        capture_output=True, text=True, timeout=180, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("demo: ") and last.endswith(" messwerte published"), last
+    readings, published = (int(word) for word in last.split() if word.isdigit())
+    assert readings >= 40 * 120  # two hours of backfill, one reading a minute per unit
+    assert published >= 40 * 8  # at least one message per closed quarter hour and unit
+    assert _processes_mentioning("messwerte-demo-") == []
