@@ -149,7 +149,9 @@ class Pipeline:
             tasks.append(asyncio.create_task(runner.run(), name=runner.name))
         if pool is not None and "publish" in self.stages:
             self.publisher = OutboxPublisher(pool, s.database_url, js, self.metrics, self.stop)
-            self.health.components["publish"] = Probe(lambda: self.publisher and self.publisher.healthy)
+            self.health.components["publish"] = Probe(
+                lambda: self.publisher and self.publisher.healthy
+            )
             tasks.append(asyncio.create_task(self.publisher.run(), name="publish"))
         return tasks
 
@@ -169,9 +171,16 @@ class Pipeline:
                 m.aggregation_records.inc(run.marked)
                 m.aggregation_duration.observe(time.perf_counter() - started)
                 m.aggregation_last_run.set(time.time())
-                self.aggregation.record(ok=True, intervals=run.intervals, rows=run.summed, changed=run.changed)
+                self.aggregation.record(
+                    ok=True, intervals=run.intervals, rows=run.summed, changed=run.changed
+                )
                 if run.intervals:
-                    log.info("intervals aggregated", intervals=run.intervals, rows=run.summed, changed=run.changed)
+                    log.info(
+                        "intervals aggregated",
+                        intervals=run.intervals,
+                        rows=run.summed,
+                        changed=run.changed,
+                    )
             window.due.clear()
             stop = asyncio.ensure_future(self.stop.wait())
             due = asyncio.ensure_future(window.due.wait())

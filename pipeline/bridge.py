@@ -95,7 +95,9 @@ class MqttBridge:
             try:
                 while not self._stop.is_set():
                     nxt = asyncio.ensure_future(anext(messages))
-                    done, _ = await asyncio.wait({nxt, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait(
+                        {nxt, stopper}, return_when=asyncio.FIRST_COMPLETED
+                    )
                     if nxt not in done:
                         nxt.cancel()
                         break
@@ -110,7 +112,11 @@ class MqttBridge:
         now = datetime.now(UTC)
         outbound = []
         for message in batch:
-            payload = message.payload if isinstance(message.payload, bytes) else bytes(str(message.payload), "utf-8")
+            payload = (
+                message.payload
+                if isinstance(message.payload, bytes)
+                else bytes(str(message.payload), "utf-8")
+            )
             envelope = to_ingest(message.topic.value, payload, now)
             body, headers = encode(envelope)
             outbound.append((ingest_subject(envelope.topic), body, headers))

@@ -45,4 +45,6 @@ async def declare_streams(js: Any) -> None:
         try:
             await js.update_stream(config)
         except BadRequestError as exc:
-            log.warning("stream kept with its existing configuration", stream=stream.name, error=str(exc))
+            log.warning(
+                "stream kept with its existing configuration", stream=stream.name, error=str(exc)
+            )

@@ -16,12 +16,19 @@ from pipeline.topology import STAGE_NAMES
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
-    demo = verbs.add_parser("demo", help="run everything on embedded servers with a simulated fleet")
-    demo.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds")
+    demo = verbs.add_parser(
+        "demo", help="run everything on embedded servers with a simulated fleet"
+    )
+    demo.add_argument(
+        "--duration", type=float, default=None, metavar="S", help="stop after S seconds"
+    )
     verbs.add_parser("migrate", help="create or upgrade the schema in PIPELINE_DATABASE_URL")
     run = verbs.add_parser("run", help="run stages against the configured services")
     run.add_argument(
-        "--stage", action="append", choices=STAGE_NAMES, metavar="NAME",
+        "--stage",
+        action="append",
+        choices=STAGE_NAMES,
+        metavar="NAME",
         help=f"run only this stage (repeatable): {', '.join(STAGE_NAMES)}",
     )
     run.add_argument("--mode", choices=("split", "fused"), default="fused")

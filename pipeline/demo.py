@@ -91,7 +91,7 @@ class LiveView:
                 f"messwerte published {self.published}, rejected {failed:.0f}, lag {lag:.0f}",
                 "  " + " | ".join(rates),
                 "",
-                "  latest messwerte (zeit, unit, verbrauch kWh, einspeisung kWh, readings, revision):",
+                "  latest messwerte: zeit, unit, verbrauch, einspeisung (kWh), readings, revision",
             ]
             for m in self.latest:
                 lines.append(
@@ -153,7 +153,10 @@ async def _run(duration_s: float | None, workdir: Path) -> tuple[int, int]:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         started = time.monotonic()
-        print(f"demo: {len(units)} units in 2 organizations; backfilling the last two hours", flush=True)
+        print(
+            f"demo: {len(units)} units in 2 organizations; backfilling the last two hours",
+            flush=True,
+        )
         now = datetime.now(UTC).replace(second=0, microsecond=0)
         feeder = asyncio.create_task(_feed(fleet, now, stop))
         while not stop.is_set():

@@ -32,12 +32,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout_s: float = START_TIMEOUT_S, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_port(
+    port: int, timeout_s: float = START_TIMEOUT_S, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", port), timeout=0.5),
+        ):
             return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
@@ -57,8 +62,12 @@ class _Process:
     def _spawn(self, argv: list[str], user: str | None = None) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            user=user, start_new_session=True,
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            user=user,
+            start_new_session=True,
         )
         log.close()
 
@@ -129,7 +138,7 @@ class NatsServer(_Process):
             f"server_name: messwerte_dev_{self.port}\n"
             f"listen: 127.0.0.1:{self.port}\n"
             f"http: 127.0.0.1:{self.monitor_port}\n"
-            f"jetstream {{\n  store_dir: \"{store}\"{sync}\n}}\n{mqtt}"
+            f'jetstream {{\n  store_dir: "{store}"{sync}\n}}\n{mqtt}'
         )
         self._spawn([nats_server_binary(), "-c", str(config)])
         self._wait_ready()
@@ -188,7 +197,11 @@ class Postgres(_Process):
             return
         # PostgreSQL refuses to run as root; pgserver knows how to set up a user for it.
         from pgserver._commands import POSTGRES_BIN_PATH
-        from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+        from pgserver.utils import (
+            ensure_folder_permissions,
+            ensure_prefix_permissions,
+            ensure_user_exists,
+        )
 
         ensure_user_exists(self.SYSTEM_USER)
         ensure_prefix_permissions(self.workdir)
@@ -205,19 +218,45 @@ class Postgres(_Process):
             if self._user:
                 shutil.chown(self.data, self._user, self._user)
             subprocess.run(
-                [self._bin("initdb"), "-D", str(self.data), "--auth=trust", "-U", "postgres",
-                 "--encoding=UTF8", "--locale=C"],
-                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, user=self._user,
+                [
+                    self._bin("initdb"),
+                    "-D",
+                    str(self.data),
+                    "--auth=trust",
+                    "-U",
+                    "postgres",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                user=self._user,
             )
         elif self._user is None and os.geteuid() == 0:
             self._user = self.SYSTEM_USER
         argv = [
-            self._bin("postgres"), "-D", str(self.data), "-p", str(self.port),
-            "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.workdir}",
-            "-c", "max_connections=200",
+            self._bin("postgres"),
+            "-D",
+            str(self.data),
+            "-p",
+            str(self.port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"unix_socket_directories={self.workdir}",
+            "-c",
+            "max_connections=200",
         ]
         if not self.fsync:
-            argv += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+            argv += [
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ]
         self._spawn(argv, user=self._user)
         self._wait_ready()
         return self
@@ -228,8 +267,18 @@ class Postgres(_Process):
             if not self.running:
                 raise RuntimeError(f"postgres exited:\n{self.tail()}")
             ready = subprocess.run(
-                [self._bin("pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
+                [
+                    self._bin("pg_isready"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-U",
+                    "postgres",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                check=False,
             )
             if ready.returncode == 0:
                 return
@@ -241,7 +290,11 @@ class Postgres(_Process):
 
 
 def mosquitto_binary() -> str | None:
-    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+    for candidate in (
+        shutil.which("mosquitto"),
+        "/usr/sbin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ):
         if candidate and Path(candidate).exists():
             return candidate
     return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 from collections.abc import Sequence
@@ -73,7 +74,5 @@ class Fleet:
                 for unit in self.units:
                     await client.publish(unit.topic, reading(now, every, self._rng), qos=1)
                     self.published += 1
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=every.total_seconds())
-                except TimeoutError:
-                    pass

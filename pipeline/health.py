@@ -55,7 +55,15 @@ class AggregationHealth:
     changed: int = 0
     error: str | None = None
 
-    def record(self, *, ok: bool, intervals: int = 0, rows: int = 0, changed: int = 0, error: str | None = None) -> None:
+    def record(
+        self,
+        *,
+        ok: bool,
+        intervals: int = 0,
+        rows: int = 0,
+        changed: int = 0,
+        error: str | None = None,
+    ) -> None:
         self.last_run_at = datetime.now(UTC)
         self.outcome = "success" if ok else "failure"
         self.intervals, self.rows, self.changed, self.error = intervals, rows, changed, error

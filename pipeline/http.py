@@ -23,7 +23,9 @@ def make_app(health: Health, metrics: Metrics) -> web.Application:
         async def handler(_: web.Request) -> web.Response:
             result = health.one(name)
             if result is None:
-                return _json(False, {"status": "UNKNOWN", "detail": f"{name} does not run here"}, 404)
+                return _json(
+                    False, {"status": "UNKNOWN", "detail": f"{name} does not run here"}, 404
+                )
             return _json(*result)
 
         return handler

@@ -39,4 +39,6 @@ def configure(log_format: str = "json", level: str = "info") -> None:
         cache_logger_on_first_use=True,
     )
     # Libraries log through the standard library; keep them quiet unless something is wrong.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s"
+    )

@@ -34,7 +34,9 @@ class Metrics:
         self.rejects = Counter(
             "pipeline_rejects_total", "Rejected messages by reason", ["reason"], registry=r
         )
-        self.aggregation_runs = Counter("zev_aggregation_runs_total", "Aggregation runs", registry=r)
+        self.aggregation_runs = Counter(
+            "zev_aggregation_runs_total", "Aggregation runs", registry=r
+        )
         self.aggregation_failures = Counter(
             "pipeline_aggregation_failures_total", "Aggregation runs that failed", registry=r
         )
@@ -47,7 +49,9 @@ class Metrics:
             "zev_aggregation_duration_seconds", "Duration of an aggregation run", registry=r
         )
         self.aggregation_last_run = Gauge(
-            "zev_aggregation_last_run_timestamp", "Unix time of the last aggregation run", registry=r
+            "zev_aggregation_last_run_timestamp",
+            "Unix time of the last aggregation run",
+            registry=r,
         )
         self.stage_in = Counter(
             "pipeline_stage_messages_in_total", "Messages into a stage", ["stage"], registry=r

@@ -123,7 +123,10 @@ async def migrate(dsn: str) -> list[int]:
                     description TEXT NOT NULL,
                     applied_at TIMESTAMPTZ NOT NULL DEFAULT NOW())"""
             )
-            done = {r["version"] for r in await conn.fetch("SELECT version FROM pipeline_schema_migrations")}
+            done = {
+                r["version"]
+                for r in await conn.fetch("SELECT version FROM pipeline_schema_migrations")
+            }
             for version, description, sql in STEPS:
                 if version in done:
                     continue

@@ -9,6 +9,7 @@ in between re-publishes, which JetStream's duplicate window turns into a no-op.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import asyncpg
@@ -59,10 +60,8 @@ class OutboxPublisher:
                         break
                     continue
                 self._wake.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=POLL_S)
-                except TimeoutError:
-                    pass
         finally:
             listener.cancel()
 
@@ -90,10 +89,16 @@ class OutboxPublisher:
             conn: asyncpg.Connection | None = None
             try:
                 conn = await asyncpg.connect(self._dsn)
+                closed = asyncio.Event()
+                conn.add_termination_listener(lambda _, closed=closed: closed.set())
                 await conn.add_listener("messwerte_outbox", lambda *_: self._wake.set())
                 self._wake.set()
-                while not self._stop.is_set() and not conn.is_closed():
-                    await asyncio.sleep(POLL_S)
+                waiters = {asyncio.ensure_future(e.wait()) for e in (closed, self._stop)}
+                try:
+                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiter in waiters:
+                        waiter.cancel()
             except Exception as exc:
                 log.debug("outbox listener reconnecting", error=repr(exc))
                 await asyncio.sleep(POLL_S)

@@ -59,7 +59,9 @@ class Step:
 class Backoff:
     """Exponential backoff with full jitter, capped; `wait` gives up when `stop` is set."""
 
-    def __init__(self, stop: asyncio.Event, first_s: float = 0.1, cap_s: float = MAX_BACKOFF_S):
+    def __init__(
+        self, stop: asyncio.Event, first_s: float = 0.1, cap_s: float = MAX_BACKOFF_S
+    ) -> None:
         self._stop = stop
         self._first_s = first_s
         self._cap_s = cap_s
@@ -225,7 +227,9 @@ class ChainRunner:
         heartbeat = asyncio.create_task(_keep_in_progress(msgs))
         try:
             for index, step in enumerate(self.steps):
-                following = self.steps[index + 1].spec.consumes if index + 1 < len(self.steps) else None
+                following = (
+                    self.steps[index + 1].spec.consumes if index + 1 < len(self.steps) else None
+                )
                 outputs = await self._call(step, current)
                 observe(self._metrics, step, len(current), outputs)
                 current = []
@@ -309,4 +313,3 @@ def _poison(stage: Stage, msg: Any, exc: Exception) -> tuple[str, bytes, dict[st
     log.warning("undecodable message sent to the DLQ", stage=stage.name, error=str(exc))
     body, hdrs = encode(reject)
     return f"dlq.{reject.reason}", body, hdrs
-

@@ -74,7 +74,7 @@ class Reading(BaseModel):
 
     @cached_property
     def content_hash(self) -> str:
-        """Hash of everything that makes two readings of one key equal (values compared as numbers)."""
+        """Hash of what makes two readings of a key equal (values compared as numbers)."""
         parts = (
             str(self.einheit_id),
             self.timestamp.astimezone(UTC).isoformat(),
@@ -93,7 +93,9 @@ class Reading(BaseModel):
 
     @property
     def msg_id(self) -> str:
-        return f"{self.einheit_id}:{_epoch_us(self.timestamp)}:{self.content_hash}:{self.ingest_seq}"
+        return (
+            f"{self.einheit_id}:{_epoch_us(self.timestamp)}:{self.content_hash}:{self.ingest_seq}"
+        )
 
 
 class Persisted(BaseModel):
@@ -109,7 +111,9 @@ class Persisted(BaseModel):
 
     @property
     def msg_id(self) -> str:
-        return f"{self.einheit_id}:{_epoch_us(self.timestamp)}:{self.content_hash}:{self.ingest_seq}"
+        return (
+            f"{self.einheit_id}:{_epoch_us(self.timestamp)}:{self.content_hash}:{self.ingest_seq}"
+        )
 
 
 class Reject(BaseModel):

@@ -34,7 +34,8 @@ def _parse_timestamp(value: Any) -> datetime:
         raise PydanticCustomError("null_field", "required field is null")
     if not isinstance(value, str):
         raise PydanticCustomError(
-            "invalid_timestamp", "timestamp must be an ISO 8601 string, got {kind}",
+            "invalid_timestamp",
+            "timestamp must be an ISO 8601 string, got {kind}",
             {"kind": type(value).__name__},
         )
     text = value.strip()
@@ -51,12 +52,13 @@ def _parse_timestamp(value: Any) -> datetime:
         head, _, tail = text.partition(".")
         digits = re.match(r"\d+", tail)
         assert digits is not None
-        text = f"{head}.{digits.group()[:6].ljust(6, '0')}{tail[digits.end():]}"
+        text = f"{head}.{digits.group()[:6].ljust(6, '0')}{tail[digits.end() :]}"
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError as exc:
         raise PydanticCustomError(
-            "invalid_timestamp", "timestamp {value!r} is not a valid date: {error}",
+            "invalid_timestamp",
+            "timestamp {value!r} is not a valid date: {error}",
             {"value": value[:64], "error": str(exc)},
         ) from None
     if parsed.tzinfo is None:  # pragma: no cover - the regex requires an offset
@@ -68,10 +70,14 @@ def _kwh(value: Decimal) -> Decimal:
     if value.is_nan() or value.is_infinite():
         raise PydanticCustomError("invalid_number", "value must be a finite number")
     if value < 0:
-        raise PydanticCustomError("negative_value", "value {value} is negative", {"value": str(value)})
+        raise PydanticCustomError(
+            "negative_value", "value {value} is negative", {"value": str(value)}
+        )
     # PostgreSQL rounds a NUMERIC(12,4) value half away from zero; do the same so that what we
     # compare for duplicates is exactly what the database will hold.
-    rounded = value.quantize(NUMERIC_SCALE, rounding=ROUND_HALF_UP) if value.adjusted() < 9 else value
+    rounded = (
+        value.quantize(NUMERIC_SCALE, rounding=ROUND_HALF_UP) if value.adjusted() < 9 else value
+    )
     if rounded >= NUMERIC_LIMIT:
         raise PydanticCustomError(
             "out_of_range", "value {value} does not fit NUMERIC(12,4)", {"value": str(value)[:40]}

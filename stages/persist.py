@@ -71,7 +71,11 @@ class Persist:
             return []
         try:
             changed = await self._upsert(rows)
-        except (asyncpg.ForeignKeyViolationError, asyncpg.DataError, asyncpg.IntegrityConstraintViolationError):
+        except (
+            asyncpg.ForeignKeyViolationError,
+            asyncpg.DataError,
+            asyncpg.IntegrityConstraintViolationError,
+        ):
             # One poison row must not fail its batch-mates: retry them one at a time.
             return await self._one_by_one(rows)
         return _persisted(rows, changed)
@@ -95,15 +99,23 @@ class Persist:
         for row in rows:
             try:
                 changed = await self._upsert([row])
-            except (asyncpg.ForeignKeyViolationError, asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
-                log.warning("row refused by the database", einheit_id=row.einheit_id, error=str(exc))
+            except (
+                asyncpg.ForeignKeyViolationError,
+                asyncpg.DataError,
+                asyncpg.IntegrityConstraintViolationError,
+            ) as exc:
+                log.warning(
+                    "row refused by the database", einheit_id=row.einheit_id, error=str(exc)
+                )
                 out.append(_reject(row, exc))
                 continue
             out.extend(_persisted([row], changed))
         return out
 
 
-def _persisted(rows: Sequence[Reading], changed: set[tuple[int, datetime]]) -> list[Persisted | Reject]:
+def _persisted(
+    rows: Sequence[Reading], changed: set[tuple[int, datetime]]
+) -> list[Persisted | Reject]:
     return [
         Persisted(
             organization_id=r.organization_id,
@@ -124,4 +136,6 @@ def _reject(row: Reading, exc: Exception) -> Reject:
         received_at=row.received_at,
         ingest_seq=row.ingest_seq,
     )
-    return Reject.of(original, RejectReason.PERSIST_FAILED, f"database refused the row: {exc}", STAGE)
+    return Reject.of(
+        original, RejectReason.PERSIST_FAILED, f"database refused the row: {exc}", STAGE
+    )

@@ -101,7 +101,10 @@ def parse_topic(topic: str) -> tuple[UUID, int]:
     """`zev/{organizationId}/{einheitId}/messwert` -> (organization UUID, positive unit id)."""
     parts = topic.split("/")
     if len(parts) != 4 or parts[0] != "zev" or parts[3] != "messwert":
-        raise _Refused(RejectReason.INVALID_TOPIC, f"topic {topic[:200]!r} is not zev/{{org}}/{{einheit}}/messwert")
+        raise _Refused(
+            RejectReason.INVALID_TOPIC,
+            f"topic {topic[:200]!r} is not zev/{{org}}/{{einheit}}/messwert",
+        )
     org_text, unit_text = parts[1], parts[2]
     try:
         if len(org_text) not in (32, 36):
@@ -156,7 +159,9 @@ def parse_payload(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) ->
     except UnicodeDecodeError as exc:
         raise _Refused(RejectReason.INVALID_JSON, f"payload is not UTF-8: {exc.reason}") from None
     except json.JSONDecodeError as exc:
-        raise _Refused(RejectReason.INVALID_JSON, f"payload is not JSON: {exc.msg} at {exc.pos}") from None
+        raise _Refused(
+            RejectReason.INVALID_JSON, f"payload is not JSON: {exc.msg} at {exc.pos}"
+        ) from None
     except RecursionError:
         raise _Refused(RejectReason.INVALID_JSON, "payload is nested too deeply") from None
     if not isinstance(data, dict):
@@ -180,9 +185,7 @@ def _refusal_of(exc: ValidationError) -> _Refused:
             reason = RejectReason.MISSING_FIELD
         else:
             reason = RejectReason.INVALID_NUMBER
-    detail = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'])}: {_message(e)}" for e in errors[:5]
-    )
+    detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {_message(e)}" for e in errors[:5])
     return _Refused(reason, detail)
 
 

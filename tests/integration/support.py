@@ -21,7 +21,9 @@ from pipeline.config import Settings
 
 
 @contextlib.asynccontextmanager
-async def running(settings: Settings, mode: str = "fused", stages: Sequence[str] | None = None) -> AsyncIterator[Pipeline]:
+async def running(
+    settings: Settings, mode: str = "fused", stages: Sequence[str] | None = None
+) -> AsyncIterator[Pipeline]:
     kwargs: dict[str, Any] = {"mode": mode}
     if stages is not None:
         kwargs["stages"] = stages
@@ -40,10 +42,19 @@ async def running(settings: Settings, mode: str = "fused", stages: Sequence[str]
         await asyncio.wait_for(task, 20)
 
 
-async def publish(broker_url: str, messages: Iterable[tuple[str, bytes | str]], qos: int = 1) -> int:
+async def metric(pipeline: Pipeline, name: str, labels: dict[str, str] | None = None) -> float:
+    """A sample of the pipeline's metrics, 0 when absent; async so `eventually` can poll it."""
+    return pipeline.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def publish(
+    broker_url: str, messages: Iterable[tuple[str, bytes | str]], qos: int = 1
+) -> int:
     port = int(broker_url.rsplit(":", 1)[1])
     count = 0
-    async with aiomqtt.Client("127.0.0.1", port, identifier=f"test-publisher-{id(messages)}") as client:
+    async with aiomqtt.Client(
+        "127.0.0.1", port, identifier=f"test-publisher-{id(messages)}"
+    ) as client:
         for topic, payload in messages:
             await client.publish(topic, payload, qos=qos)
             count += 1
@@ -107,7 +118,9 @@ class Reference:
         return cls(raw)
 
     def messwerte(self) -> dict[tuple[int, datetime], tuple[Decimal, Decimal, int]]:
-        sums: dict[tuple[int, datetime], list[Any]] = defaultdict(lambda: [Decimal(0), Decimal(0), 0])
+        sums: dict[tuple[int, datetime], list[Any]] = defaultdict(
+            lambda: [Decimal(0), Decimal(0), 0]
+        )
         for (unit, at), (v, e) in self.raw.items():
             end = _ceil_quarter(at)
             entry = sums[(unit, end)]

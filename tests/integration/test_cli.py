@@ -34,12 +34,19 @@ async def test_migrate_creates_the_schema(postgres_server) -> None:
     try:
         for _ in range(2):  # idempotent
             done = subprocess.run(
-                [*PIPELINE, "migrate"], env=env(database_url=postgres_server.dsn_for(name)),
-                capture_output=True, text=True, timeout=60, check=False,
+                [*PIPELINE, "migrate"],
+                env=env(database_url=postgres_server.dsn_for(name)),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
             )
             assert done.returncode == 0, done.stderr
         conn = await asyncpg.connect(postgres_server.dsn_for(name))
-        tables = {r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        tables = {
+            r["tablename"]
+            for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        }
         await conn.close()
         assert {"einheit", "zaehler_rohdaten", "messwerte"} <= tables
     finally:
@@ -47,24 +54,39 @@ async def test_migrate_creates_the_schema(postgres_server) -> None:
         await admin.close()
 
 
-async def test_run_processes_readings_and_exits_0_on_sigterm(database, nats_server, mqtt_broker, db, tmp_path: Path) -> None:
+async def test_run_processes_readings_and_exits_0_on_sigterm(
+    database, nats_server, mqtt_broker, db, tmp_path: Path
+) -> None:
     org = uuid.uuid4()
     await db.execute("INSERT INTO einheit VALUES (5, $1)", org)
     log = (tmp_path / "run.log").open("w")
     proc = subprocess.Popen(
         [*PIPELINE, "run"],
-        env=env(mqtt_url=mqtt_broker.url, nats_url=nats_server.url, database_url=database,
-                window_grace_seconds="5", http_port=str(free_port())),
-        stdout=log, stderr=subprocess.STDOUT,
+        env=env(
+            mqtt_url=mqtt_broker.url,
+            nats_url=nats_server.url,
+            database_url=database,
+            window_grace_seconds="5",
+            http_port=str(free_port()),
+        ),
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         at = datetime.now(UTC) - timedelta(hours=1)
-        await eventually(lambda: db.fetchval("SELECT count(*) FROM pipeline_schema_migrations"), lambda n: n >= 1)
         await eventually(
-            lambda: publish(mqtt_broker.url, []) , lambda _: "MQTT subscribed" in (tmp_path / "run.log").read_text(),
+            lambda: db.fetchval("SELECT count(*) FROM pipeline_schema_migrations"), lambda n: n >= 1
+        )
+        await eventually(
+            lambda: publish(mqtt_broker.url, []),
+            lambda _: "MQTT subscribed" in (tmp_path / "run.log").read_text(),
         )
         await publish(mqtt_broker.url, [(topic(org, 5), body(at, "1.25"))])
-        await eventually(lambda: db.fetchval("SELECT verbrauch FROM messwerte"), lambda v: v is not None, timeout_s=30)
+        await eventually(
+            lambda: db.fetchval("SELECT verbrauch FROM messwerte"),
+            lambda v: v is not None,
+            timeout_s=30,
+        )
         proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
         assert proc.wait(15) == 0
@@ -90,12 +112,17 @@ def _processes_mentioning(text: str) -> list[int]:
 
 def test_demo_ends_with_its_summary_and_leaves_no_process_behind(tmp_path: Path) -> None:
     done = subprocess.run(
-        [*PIPELINE, "demo", "--duration", "20"], env=env(http_port="0"),
-        capture_output=True, text=True, timeout=180, check=False,
+        [*PIPELINE, "demo", "--duration", "20"],
+        env=env(http_port="0"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     last = done.stdout.strip().splitlines()[-1]
-    assert last.startswith("demo: ") and last.endswith(" messwerte published"), last
+    assert last.startswith("demo: "), last
+    assert last.endswith(" messwerte published"), last
     readings, published = (int(word) for word in last.split() if word.isdigit())
     assert readings >= 40 * 120  # two hours of backfill, one reading a minute per unit
     assert published >= 40 * 8  # at least one message per closed quarter hour and unit

@@ -28,8 +28,13 @@ async def pool(database: str):
 
 def reading(at: datetime, verbrauch: str, unit: int = 1, seq: int = 1) -> Reading:
     return Reading(
-        organization_id=ORG, einheit_id=unit, timestamp=at, verbrauch=Decimal(verbrauch),
-        einspeisung=Decimal("0.1"), received_at=at, ingest_seq=seq,
+        organization_id=ORG,
+        einheit_id=unit,
+        timestamp=at,
+        verbrauch=Decimal(verbrauch),
+        einspeisung=Decimal("0.1"),
+        received_at=at,
+        ingest_seq=seq,
     )
 
 
@@ -83,12 +88,18 @@ async def test_unchanged_repeat_is_a_no_op_and_a_change_resets_verarbeitet(pool)
     assert await pool.fetchval("SELECT verarbeitet FROM zaehler_rohdaten") is True
     assert len(await persist([reading(at, "1.5", seq=3)])) == 1
     row = await pool.fetchrow("SELECT verbrauch, verarbeitet, verarbeitet_am FROM zaehler_rohdaten")
-    assert (row["verbrauch"], row["verarbeitet"], row["verarbeitet_am"]) == (Decimal("1.5000"), False, None)
+    assert (row["verbrauch"], row["verarbeitet"], row["verarbeitet_am"]) == (
+        Decimal("1.5000"),
+        False,
+        None,
+    )
 
 
 async def test_poison_row_does_not_fail_its_batch_mates(pool) -> None:
     at = END - timedelta(minutes=5)
-    out = await Persist(pool)([reading(at, "1.0", unit=1), reading(at, "1.0", unit=77), reading(at, "1.0", unit=2)])
+    out = await Persist(pool)(
+        [reading(at, "1.0", unit=1), reading(at, "1.0", unit=77), reading(at, "1.0", unit=2)]
+    )
     rejects = [o for o in out if isinstance(o, Reject)]
     assert [r.reason for r in rejects] == [RejectReason.PERSIST_FAILED]
     assert "77" in rejects[0].topic
@@ -97,7 +108,10 @@ async def test_poison_row_does_not_fail_its_batch_mates(pool) -> None:
 
 async def test_interval_closes_only_after_end_plus_grace(pool) -> None:
     await Persist(pool)([reading(END - timedelta(minutes=10), "1.0")])
-    assert await window(pool, END + timedelta(seconds=59)).sweep() == type(await window(pool, END).sweep())()
+    assert (
+        await window(pool, END + timedelta(seconds=59)).sweep()
+        == type(await window(pool, END).sweep())()
+    )
     assert await pool.fetchval("SELECT count(*) FROM messwerte") == 0
     run = await window(pool, END + timedelta(seconds=60)).sweep()
     assert (run.intervals, run.marked, run.changed) == (1, 1, 1)
@@ -111,11 +125,26 @@ async def test_aggregation_sums_the_whole_interval_and_marks_every_row(pool) -> 
     await window(pool, END + timedelta(hours=1)).sweep()
     rows = {r["zeit"]: r for r in await pool.fetch("SELECT * FROM messwerte")}
     row = rows[END]
-    assert (row["verbrauch"], row["einspeisung"], row["anzahl_rohwerte"], row["quelle"], row["revision"]) == (
-        Decimal("15.0000"), Decimal("0.3000"), 3, "MQTT", 1,
+    assert (
+        row["verbrauch"],
+        row["einspeisung"],
+        row["anzahl_rohwerte"],
+        row["quelle"],
+        row["revision"],
+    ) == (
+        Decimal("15.0000"),
+        Decimal("0.3000"),
+        3,
+        "MQTT",
+        1,
     )
     assert set(rows) == {END - timedelta(minutes=15), END, END + timedelta(minutes=15)}
-    assert await pool.fetchval("SELECT count(*) FROM zaehler_rohdaten WHERE NOT verarbeitet OR verarbeitet_am IS NULL") == 0
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM zaehler_rohdaten WHERE NOT verarbeitet OR verarbeitet_am IS NULL"
+        )
+        == 0
+    )
     assert await pool.fetchval("SELECT count(*) FROM messwerte_outbox") == 3
 
 
@@ -128,7 +157,10 @@ async def test_correction_raises_the_revision_and_queues_it(pool) -> None:
     run = await sweep()
     assert run.changed == 1
     outbox = await pool.fetch("SELECT verbrauch, revision FROM messwerte_outbox ORDER BY id")
-    assert [(r["verbrauch"], r["revision"]) for r in outbox] == [(Decimal("2.0000"), 1), (Decimal("4.0000"), 2)]
+    assert [(r["verbrauch"], r["revision"]) for r in outbox] == [
+        (Decimal("2.0000"), 1),
+        (Decimal("4.0000"), 2),
+    ]
 
 
 async def test_re_aggregating_unchanged_data_publishes_nothing_new(pool) -> None:
@@ -149,7 +181,9 @@ async def test_no_raw_rows_no_messwerte_row(pool) -> None:
 
 
 async def test_existing_csv_row_is_taken_over_as_revision_1(pool) -> None:
-    await pool.execute("INSERT INTO messwerte (einheit_id, zeit, verbrauch, einspeisung) VALUES (1, $1, 9, 9)", END)
+    await pool.execute(
+        "INSERT INTO messwerte (einheit_id, zeit, verbrauch, einspeisung) VALUES (1, $1, 9, 9)", END
+    )
     await Persist(pool)([reading(END - timedelta(minutes=1), "1.0")])
     await window(pool, END + timedelta(hours=1)).sweep()
     row = await pool.fetchrow("SELECT verbrauch, quelle, revision FROM messwerte")
@@ -159,6 +193,11 @@ async def test_existing_csv_row_is_taken_over_as_revision_1(pool) -> None:
 async def test_sql_and_python_agree_on_interval_ends(pool) -> None:
     from schemas.messages import interval_end
 
-    moments = [END + timedelta(microseconds=us) for us in (-1, 0, 1, 1000, 899_999_999, 900_000_000, 900_000_001)]
+    moments = [
+        END + timedelta(microseconds=us)
+        for us in (-1, 0, 1, 1000, 899_999_999, 900_000_000, 900_000_001)
+    ]
     for moment in moments:
-        assert await pool.fetchval("SELECT messwerte_interval_end($1)", moment) == interval_end(moment)
+        assert await pool.fetchval("SELECT messwerte_interval_end($1)", moment) == interval_end(
+            moment
+        )

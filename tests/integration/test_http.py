@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import aiohttp
 import pytest
@@ -33,23 +34,44 @@ CONTRACT_METRICS = [
 @pytest.fixture
 def settings(database, nats_server, mqtt_broker) -> Settings:
     return Settings(
-        mqtt_url=mqtt_broker.url, nats_url=nats_server.url, database_url=database,
-        window_grace_seconds=1, http_port=free_port(), http_host="127.0.0.1",
-        sweep_interval_seconds=0.2, mqtt_client_id=f"bridge-{uuid.uuid4().hex[:8]}",
+        mqtt_url=mqtt_broker.url,
+        nats_url=nats_server.url,
+        database_url=database,
+        window_grace_seconds=1,
+        http_port=free_port(),
+        http_host="127.0.0.1",
+        sweep_interval_seconds=0.2,
+        mqtt_client_id=f"bridge-{uuid.uuid4().hex[:8]}",
     )
 
 
-async def get(settings: Settings, path: str) -> tuple[int, str, dict]:
-    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{settings.http_port}{path}") as resp:
+async def get(settings: Settings, path: str) -> tuple[int, str, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{settings.http_port}{path}") as resp,
+    ):
         text = await resp.text()
-        return resp.status, text, (await resp.json() if resp.content_type == "application/json" else {})
+        return (
+            resp.status,
+            text,
+            (await resp.json() if resp.content_type == "application/json" else {}),
+        )
 
 
 async def test_metrics_carry_every_contract_name_on_both_paths(settings, db, mqtt_broker) -> None:
     await db.execute("INSERT INTO einheit VALUES (1, $1)", ORG)
     async with running(settings):
-        await publish(mqtt_broker.url, [(topic(ORG, 1), body(datetime.now(UTC) - timedelta(hours=1), "1")), (topic(ORG, 1), b"x")])
-        await eventually(lambda: get(settings, "/metrics"), lambda r: "zev_mqtt_messages_failed_total 1.0" in r[1])
+        await publish(
+            mqtt_broker.url,
+            [
+                (topic(ORG, 1), body(datetime.now(UTC) - timedelta(hours=1), "1")),
+                (topic(ORG, 1), b"x"),
+            ],
+        )
+        await eventually(
+            lambda: get(settings, "/metrics"),
+            lambda r: "zev_mqtt_messages_failed_total 1.0" in r[1],
+        )
         status, text, _ = await get(settings, "/metrics")
         alias_status, alias_text, _ = await get(settings, "/actuator/prometheus")
     assert status == alias_status == 200
@@ -62,7 +84,9 @@ async def test_metrics_carry_every_contract_name_on_both_paths(settings, db, mqt
 
 async def test_health_is_up_with_every_component_listed(settings) -> None:
     async with running(settings):
-        status, _, health = await eventually(lambda: get(settings, "/health"), lambda r: r[0] == 200)
+        _status, _, health = await eventually(
+            lambda: get(settings, "/health"), lambda r: r[0] == 200
+        )
         alias_status, _, _ = await get(settings, "/actuator/health")
     assert alias_status == 200
     assert health["status"] == "UP"
@@ -71,18 +95,23 @@ async def test_health_is_up_with_every_component_listed(settings) -> None:
 
 async def test_mqtt_health_reports_subscription_and_silence(settings, mqtt_broker) -> None:
     async with running(settings):
-        status, _, mqtt = await eventually(lambda: get(settings, "/health/mqtt"), lambda r: r[0] == 200)
+        _status, _, mqtt = await eventually(
+            lambda: get(settings, "/health/mqtt"), lambda r: r[0] == 200
+        )
         assert mqtt["subscribed"] is True
         assert mqtt["seconds_since_last_message"] is None
         await publish(mqtt_broker.url, [(topic(ORG, 1), b"{}")])
-        _, _, mqtt = await eventually(lambda: get(settings, "/actuator/health/mqtt"), lambda r: r[2]["seconds_since_last_message"] is not None)
+        _, _, mqtt = await eventually(
+            lambda: get(settings, "/actuator/health/mqtt"),
+            lambda r: r[2]["seconds_since_last_message"] is not None,
+        )
     assert mqtt["seconds_since_last_message"] >= 0
 
 
 async def test_long_silence_turns_mqtt_health_503_when_opted_in(settings) -> None:
     settings = settings.model_copy(update={"mqtt_silence_threshold_seconds": 0.5})
     async with running(settings):
-        status, _, mqtt = await eventually(
+        _status, _, mqtt = await eventually(
             lambda: get(settings, "/health/mqtt"), lambda r: r[0] == 503 and r[2]["subscribed"]
         )
     assert mqtt["subscribed"] is True
@@ -90,7 +119,9 @@ async def test_long_silence_turns_mqtt_health_503_when_opted_in(settings) -> Non
 
 async def test_aggregation_health_reports_the_last_run(settings) -> None:
     async with running(settings):
-        status, _, agg = await eventually(lambda: get(settings, "/health/aggregation"), lambda r: r[2].get("last_run") is not None)
+        status, _, agg = await eventually(
+            lambda: get(settings, "/health/aggregation"), lambda r: r[2].get("last_run") is not None
+        )
         alias_status, _, _ = await get(settings, "/actuator/health/aggregation")
     assert status == alias_status == 200
     assert agg["outcome"] == "success"

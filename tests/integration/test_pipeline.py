@@ -18,6 +18,7 @@ from tests.integration.support import (
     body,
     latest_by_key,
     messwerte_published,
+    metric,
     publish,
     running,
     stream_messages,
@@ -46,18 +47,29 @@ def settings(database: str, nats_server, mqtt_broker) -> Settings:
 
 @pytest.fixture
 async def units(db: asyncpg.Connection) -> dict[int, uuid.UUID]:
-    await db.executemany("INSERT INTO einheit (id, organization_id) VALUES ($1, $2)", list(UNITS.items()))
+    await db.executemany(
+        "INSERT INTO einheit (id, organization_id) VALUES ($1, $2)", list(UNITS.items())
+    )
     return UNITS
 
 
-async def db_messwerte(db: asyncpg.Connection) -> dict[tuple[int, datetime], tuple[Decimal, Decimal, int]]:
-    rows = await db.fetch("SELECT einheit_id, zeit, verbrauch, einspeisung, anzahl_rohwerte, quelle FROM messwerte")
+async def db_messwerte(
+    db: asyncpg.Connection,
+) -> dict[tuple[int, datetime], tuple[Decimal, Decimal, int]]:
+    rows = await db.fetch(
+        "SELECT einheit_id, zeit, verbrauch, einspeisung, anzahl_rohwerte, quelle FROM messwerte"
+    )
     assert all(r["quelle"] == "MQTT" for r in rows)
-    return {(r["einheit_id"], r["zeit"]): (r["verbrauch"], r["einspeisung"], r["anzahl_rohwerte"]) for r in rows}
+    return {
+        (r["einheit_id"], r["zeit"]): (r["verbrauch"], r["einspeisung"], r["anzahl_rohwerte"])
+        for r in rows
+    }
 
 
 async def db_raw(db: asyncpg.Connection) -> dict[tuple[int, datetime], tuple[Decimal, Decimal]]:
-    rows = await db.fetch("SELECT einheit_id, timestamp, verbrauch, einspeisung FROM zaehler_rohdaten")
+    rows = await db.fetch(
+        "SELECT einheit_id, timestamp, verbrauch, einspeisung FROM zaehler_rohdaten"
+    )
     return {(r["einheit_id"], r["timestamp"]): (r["verbrauch"], r["einspeisung"]) for r in rows}
 
 
@@ -74,16 +86,28 @@ def data_set() -> list[tuple[int, datetime, str, str]]:
 
 
 @pytest.mark.parametrize("mode", ["fused", "split"])
-async def test_readings_become_rows_messwerte_and_messages(mode, settings, units, db, mqtt_broker) -> None:
+async def test_readings_become_rows_messwerte_and_messages(
+    mode, settings, units, db, mqtt_broker
+) -> None:
     readings = data_set()
     reference = Reference.of(readings)
     async with running(settings, mode) as pipeline:
-        await publish(mqtt_broker.url, [(topic(UNITS[u], u), body(at, v, e)) for u, at, v, e in readings])
+        await publish(
+            mqtt_broker.url, [(topic(UNITS[u], u), body(at, v, e)) for u, at, v, e in readings]
+        )
         expected = reference.messwerte()
         await eventually(lambda: db_messwerte(db), lambda got: got == expected)
         assert await db_raw(db) == reference.raw
-        assert await db.fetchval("SELECT count(*) FROM zaehler_rohdaten WHERE verarbeitet IS NOT TRUE OR verarbeitet_am IS NULL") == 0
-        published = await eventually(lambda: messwerte_published(settings.nats_url), lambda got: len(latest_by_key(got)) == len(expected))
+        assert (
+            await db.fetchval(
+                "SELECT count(*) FROM zaehler_rohdaten WHERE verarbeitet IS NOT TRUE OR verarbeitet_am IS NULL"
+            )
+            == 0
+        )
+        published = await eventually(
+            lambda: messwerte_published(settings.nats_url),
+            lambda got: len(latest_by_key(got)) == len(expected),
+        )
         assert pipeline.metrics.registry.get_sample_value("zev_mqtt_messages_failed_total") == 0
     latest = latest_by_key(published)
     for (unit, end), (verbrauch, einspeisung, count) in expected.items():
@@ -93,27 +117,40 @@ async def test_readings_become_rows_messwerte_and_messages(mode, settings, units
         assert message["anzahlRohwerte"] == count
         assert message["organizationId"] == str(UNITS[unit])
         assert message["quelle"] == "MQTT"
-        assert message["intervalStart"] == (end - timedelta(minutes=15)).isoformat().replace("+00:00", "Z")
+        assert message["intervalStart"] == (end - timedelta(minutes=15)).isoformat().replace(
+            "+00:00", "Z"
+        )
 
 
 @pytest.mark.parametrize("mode", ["fused", "split"])
-async def test_each_message_goes_out_on_its_units_subject_with_an_idempotency_key(mode, settings, units, db, mqtt_broker) -> None:
+async def test_each_message_goes_out_on_its_units_subject_with_an_idempotency_key(
+    mode, settings, units, db, mqtt_broker
+) -> None:
     async with running(settings, mode):
-        await publish(mqtt_broker.url, [(topic(ORG_B, 3), body(BASE + timedelta(minutes=3), "1.5"))])
-        await eventually(lambda: stream_messages(settings.nats_url, "MESSWERTE"), lambda got: len(got) == 1)
+        await publish(
+            mqtt_broker.url, [(topic(ORG_B, 3), body(BASE + timedelta(minutes=3), "1.5"))]
+        )
+        await eventually(
+            lambda: stream_messages(settings.nats_url, "MESSWERTE"), lambda got: len(got) == 1
+        )
     [message] = await stream_messages(settings.nats_url, "MESSWERTE")
     zeit = (BASE + timedelta(minutes=15)).isoformat().replace("+00:00", "Z")
     assert message.subject == f"messwerte.{ORG_B}.3"
     assert message.headers["Nats-Msg-Id"] == f"3:{zeit}:1"
 
 
-async def test_exact_repeats_are_dropped_and_change_nothing(settings, units, db, mqtt_broker) -> None:
+async def test_exact_repeats_are_dropped_and_change_nothing(
+    settings, units, db, mqtt_broker
+) -> None:
     at = BASE + timedelta(minutes=1)
     async with running(settings) as pipeline:
-        await publish(mqtt_broker.url, [(topic(ORG_A, 1), body(at, "1.5"))] * 5 + [(topic(ORG_A, 1), body(at, 1.50))])
+        await publish(
+            mqtt_broker.url,
+            [(topic(ORG_A, 1), body(at, "1.5"))] * 5 + [(topic(ORG_A, 1), body(at, 1.50))],
+        )
         await eventually(lambda: messwerte_published(settings.nats_url), lambda got: len(got) >= 1)
         await eventually(
-            lambda: asyncio.sleep(0, pipeline.metrics.registry.get_sample_value("pipeline_stage_messages_in_total", {"stage": "dedupe"})),
+            lambda: metric(pipeline, "pipeline_stage_messages_in_total", {"stage": "dedupe"}),
             lambda n: n == 6,
         )
     assert await db.fetchval("SELECT count(*) FROM zaehler_rohdaten") == 1
@@ -123,11 +160,22 @@ async def test_exact_repeats_are_dropped_and_change_nothing(settings, units, db,
 
 
 @pytest.mark.parametrize("mode", ["fused", "split"])
-async def test_correction_after_close_republishes_with_revision_2(mode, settings, units, db, mqtt_broker) -> None:
+async def test_correction_after_close_republishes_with_revision_2(
+    mode, settings, units, db, mqtt_broker
+) -> None:
     at = BASE + timedelta(minutes=2)
     async with running(settings, mode):
-        await publish(mqtt_broker.url, [(topic(ORG_A, 1), body(at, "1.0")), (topic(ORG_A, 1), body(at + timedelta(minutes=5), "2.0"))])
-        await eventually(lambda: messwerte_published(settings.nats_url), lambda got: any(m["anzahlRohwerte"] == 2 for m in got))
+        await publish(
+            mqtt_broker.url,
+            [
+                (topic(ORG_A, 1), body(at, "1.0")),
+                (topic(ORG_A, 1), body(at + timedelta(minutes=5), "2.0")),
+            ],
+        )
+        await eventually(
+            lambda: messwerte_published(settings.nats_url),
+            lambda got: any(m["anzahlRohwerte"] == 2 for m in got),
+        )
         first = latest_by_key(await messwerte_published(settings.nats_url))
         await publish(mqtt_broker.url, [(topic(ORG_A, 1), body(at, "4.0"))])
         published = await eventually(
@@ -143,30 +191,53 @@ async def test_correction_after_close_republishes_with_revision_2(mode, settings
     assert (row["verbrauch"], row["revision"]) == (Decimal("6.0000"), after["revision"])
 
 
-async def test_late_reading_for_a_closed_interval_is_summed_with_the_whole_interval(settings, units, db, mqtt_broker) -> None:
+async def test_late_reading_for_a_closed_interval_is_summed_with_the_whole_interval(
+    settings, units, db, mqtt_broker
+) -> None:
     async with running(settings):
-        await publish(mqtt_broker.url, [(topic(ORG_A, 2), body(BASE + timedelta(minutes=m), "1")) for m in (1, 2, 3)])
-        await eventually(lambda: db_messwerte(db), lambda got: got and next(iter(got.values()))[2] == 3)
-        await publish(mqtt_broker.url, [(topic(ORG_A, 2), body(BASE + timedelta(minutes=14), "0.5"))])
-        got = await eventually(lambda: db_messwerte(db), lambda got: next(iter(got.values()))[2] == 4, timeout_s=5)
+        await publish(
+            mqtt_broker.url,
+            [(topic(ORG_A, 2), body(BASE + timedelta(minutes=m), "1")) for m in (1, 2, 3)],
+        )
+        await eventually(
+            lambda: db_messwerte(db), lambda got: bool(got) and next(iter(got.values()))[2] == 3
+        )
+        await publish(
+            mqtt_broker.url, [(topic(ORG_A, 2), body(BASE + timedelta(minutes=14), "0.5"))]
+        )
+        got = await eventually(
+            lambda: db_messwerte(db), lambda got: next(iter(got.values()))[2] == 4, timeout_s=5
+        )
     assert next(iter(got.values())) == (Decimal("3.5000"), Decimal("0.0000"), 4)
 
 
-async def test_reading_in_an_open_interval_is_stored_but_not_aggregated(settings, units, db, mqtt_broker) -> None:
+async def test_reading_in_an_open_interval_is_stored_but_not_aggregated(
+    settings, units, db, mqtt_broker
+) -> None:
     now = datetime.now(UTC)
     async with running(settings) as pipeline:
-        await publish(mqtt_broker.url, [(topic(ORG_A, 1), body(now, "1")), (topic(ORG_A, 1), body(now + timedelta(days=1), "2"))])
-        await eventually(lambda: db.fetchval("SELECT count(*) FROM zaehler_rohdaten"), lambda n: n == 2)
+        await publish(
+            mqtt_broker.url,
+            [
+                (topic(ORG_A, 1), body(now, "1")),
+                (topic(ORG_A, 1), body(now + timedelta(days=1), "2")),
+            ],
+        )
+        await eventually(
+            lambda: db.fetchval("SELECT count(*) FROM zaehler_rohdaten"), lambda n: n == 2
+        )
         runs = pipeline.metrics.registry.get_sample_value("zev_aggregation_runs_total") or 0
         await eventually(
-            lambda: asyncio.sleep(0, pipeline.metrics.registry.get_sample_value("zev_aggregation_runs_total")),
+            lambda: metric(pipeline, "zev_aggregation_runs_total"),
             lambda n: n >= runs + 2,
         )
     assert await db.fetchval("SELECT count(*) FROM messwerte") == 0
     assert await db.fetchval("SELECT count(*) FROM zaehler_rohdaten WHERE verarbeitet") == 0
 
 
-async def test_bad_messages_go_to_the_dlq_with_reasons_and_good_ones_survive(settings, units, db, mqtt_broker) -> None:
+async def test_bad_messages_go_to_the_dlq_with_reasons_and_good_ones_survive(
+    settings, units, db, mqtt_broker
+) -> None:
     at = BASE + timedelta(minutes=7)
     bad = [
         (topic(ORG_A, 1), b"not json"),
@@ -176,46 +247,71 @@ async def test_bad_messages_go_to_the_dlq_with_reasons_and_good_ones_survive(set
         (topic(ORG_A, 999), body(at, 1)),
         (topic(ORG_B, 1), body(at, 1)),
         ("zev/not-a-uuid/1/messwert", body(at, 1)),
-        (topic(ORG_A, 1), b'{"timestamp": "2025-01-01T00:00:00", "verbrauch": 1, "einspeisung": 0}'),
+        (
+            topic(ORG_A, 1),
+            b'{"timestamp": "2025-01-01T00:00:00", "verbrauch": 1, "einspeisung": 0}',
+        ),
     ]
     good = (topic(ORG_A, 1), body(at, "2.5"))
     mixed = [bad[0], good, *bad[1:]]
     async with running(settings) as pipeline:
         await publish(mqtt_broker.url, mixed)
-        dlq = await eventually(lambda: stream_messages(settings.nats_url, "DLQ"), lambda got: len(got) == len(bad))
+        dlq = await eventually(
+            lambda: stream_messages(settings.nats_url, "DLQ"), lambda got: len(got) == len(bad)
+        )
         await eventually(lambda: db_raw(db), lambda got: len(got) == 1)
         failed = pipeline.metrics.registry.get_sample_value("zev_mqtt_messages_failed_total")
     assert failed == len(bad)
     reasons = sorted(m.subject.removeprefix("dlq.") for m in dlq)
     assert reasons == sorted(
-        ["invalid_json", "invalid_json", "negative_value", "invalid_number", "unknown_unit",
-         "organization_mismatch", "invalid_topic", "invalid_timestamp"]
+        [
+            "invalid_json",
+            "invalid_json",
+            "negative_value",
+            "invalid_number",
+            "unknown_unit",
+            "organization_mismatch",
+            "invalid_topic",
+            "invalid_timestamp",
+        ]
     )
     assert (await db_raw(db))[(1, at)] == (Decimal("2.5000"), Decimal("0.0000"))
 
 
-async def test_unit_inserted_while_running_is_recognised_within_5_seconds(settings, units, db, mqtt_broker) -> None:
+async def test_unit_inserted_while_running_is_recognised_within_5_seconds(
+    settings, units, db, mqtt_broker
+) -> None:
     at = BASE + timedelta(minutes=3)
     async with running(settings):
         await publish(mqtt_broker.url, [(topic(ORG_B, 42), body(at, "1"))])
-        await eventually(lambda: stream_messages(settings.nats_url, "DLQ"), lambda got: len(got) == 1)
+        await eventually(
+            lambda: stream_messages(settings.nats_url, "DLQ"), lambda got: len(got) == 1
+        )
         await db.execute("INSERT INTO einheit (id, organization_id) VALUES (42, $1)", ORG_B)
         inserted = asyncio.get_running_loop().time()
-        await asyncio.sleep(1.1)  # let the validator's negative cache entry expire  # noqa: ASYNC251
+        await asyncio.sleep(1.1)  # let the validator's negative cache entry expire
         await publish(mqtt_broker.url, [(topic(ORG_B, 42), body(at, "1"))])
         await eventually(lambda: db_raw(db), lambda got: (42, at) in got, timeout_s=5)
     assert asyncio.get_running_loop().time() - inserted < 5
 
 
-async def test_restart_aggregates_every_closed_interval_left_unprocessed(settings, units, db, mqtt_broker) -> None:
-    readings = [(u, BASE + timedelta(minutes=10 * i), f"{i}.25", "0.5") for u in UNITS for i in range(6)]
+async def test_restart_aggregates_every_closed_interval_left_unprocessed(
+    settings, units, db, mqtt_broker
+) -> None:
+    readings = [
+        (u, BASE + timedelta(minutes=10 * i), f"{i}.25", "0.5") for u in UNITS for i in range(6)
+    ]
     # Run without the window stage, as if the worker died before aggregating.
     async with running(settings, stages=["mqtt_bridge", "validate", "dedupe", "persist"]):
-        await publish(mqtt_broker.url, [(topic(UNITS[u], u), body(at, v, e)) for u, at, v, e in readings])
+        await publish(
+            mqtt_broker.url, [(topic(UNITS[u], u), body(at, v, e)) for u, at, v, e in readings]
+        )
         await eventually(lambda: db_raw(db), lambda got: len(got) == len(readings))
     assert await db.fetchval("SELECT count(*) FROM messwerte") == 0
     expected = Reference.of(readings).messwerte()
     async with running(settings):
         await eventually(lambda: db_messwerte(db), lambda got: got == expected)
-        published = await eventually(lambda: messwerte_published(settings.nats_url), lambda got: len(got) == len(expected))
+        published = await eventually(
+            lambda: messwerte_published(settings.nats_url), lambda got: len(got) == len(expected)
+        )
     assert {m["revision"] for m in published} == {1}

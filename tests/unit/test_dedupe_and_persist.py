@@ -16,8 +16,13 @@ T = datetime(2025, 1, 1, 14, 5, tzinfo=UTC)
 
 def reading(seq: int, verbrauch: str = "1.5", unit: int = 1, at: datetime = T) -> Reading:
     return Reading(
-        organization_id=ORG, einheit_id=unit, timestamp=at, verbrauch=Decimal(verbrauch),
-        einspeisung=Decimal("0"), received_at=T, ingest_seq=seq,
+        organization_id=ORG,
+        einheit_id=unit,
+        timestamp=at,
+        verbrauch=Decimal(verbrauch),
+        einspeisung=Decimal("0"),
+        received_at=T,
+        ingest_seq=seq,
     )
 
 
@@ -64,7 +69,10 @@ def test_other_units_and_timestamps_are_independent() -> None:
 def test_collapse_keeps_the_later_reading_of_a_key() -> None:
     batch = [reading(1, "1.0"), reading(2, "9.0", unit=2), reading(3, "2.0")]
     collapsed = collapse(batch)
-    assert [(r.einheit_id, r.verbrauch) for r in collapsed] == [(1, Decimal("2.0")), (2, Decimal("9.0"))]
+    assert [(r.einheit_id, r.verbrauch) for r in collapsed] == [
+        (1, Decimal("2.0")),
+        (2, Decimal("9.0")),
+    ]
 
 
 def test_collapse_orders_by_key() -> None:

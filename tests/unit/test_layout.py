@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 from pathlib import Path
 
@@ -38,12 +39,16 @@ def test_every_consumed_subject_belongs_to_its_stream() -> None:
 
 
 def test_each_stage_consumes_what_the_previous_one_writes() -> None:
-    for before, after in zip(CONSUMER_STAGES, CONSUMER_STAGES[1:], strict=False):
+    for before, after in itertools.pairwise(CONSUMER_STAGES):
         assert BY_NAME[after].consumes in BY_NAME[before].writes
 
 
 def test_split_mode_runs_one_consumer_per_stage() -> None:
-    assert chains(["validate", "dedupe", "persist"], "split") == [["validate"], ["dedupe"], ["persist"]]
+    assert chains(["validate", "dedupe", "persist"], "split") == [
+        ["validate"],
+        ["dedupe"],
+        ["persist"],
+    ]
 
 
 def test_fused_mode_chains_consecutive_stages() -> None:

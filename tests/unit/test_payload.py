@@ -126,7 +126,11 @@ def test_negative_value_is_rejected(field: str) -> None:
 
 @pytest.mark.parametrize("value", [100_000_000, 1e20, 99999999.99995, 10**400])
 def test_value_outside_numeric_12_4_is_rejected(value: object) -> None:
-    raw = json.dumps({**GOOD, "verbrauch": 0}).encode().replace(b'"verbrauch": 0', b'"verbrauch": ' + str(value).encode())
+    raw = (
+        json.dumps({**GOOD, "verbrauch": 0})
+        .encode()
+        .replace(b'"verbrauch": 0', b'"verbrauch": ' + str(value).encode())
+    )
     assert reason_of(raw) == RejectReason.OUT_OF_RANGE
 
 

@@ -23,7 +23,12 @@ class Units:
 
 
 def message(unit: int = 7, org: uuid.UUID = ORG, seq: int = 1, **fields: object) -> IngestMessage:
-    body = {"timestamp": "2025-12-24T14:30:00+01:00", "verbrauch": 1.5, "einspeisung": 0.25, **fields}
+    body = {
+        "timestamp": "2025-12-24T14:30:00+01:00",
+        "verbrauch": 1.5,
+        "einspeisung": 0.25,
+        **fields,
+    }
     return IngestMessage(
         topic=f"zev/{org}/{unit}/messwert",
         payload=json.dumps(body).encode(),
@@ -59,7 +64,9 @@ async def test_unit_of_another_organization_is_rejected_and_logged_as_error(caps
     [out] = await stage()(message(unit=8))
     assert isinstance(out, Reject)
     assert out.reason == RejectReason.ORGANIZATION_MISMATCH
-    logged = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    logged = [
+        json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")
+    ]
     assert any(e["level"] == "error" and e["reason"] == "organization_mismatch" for e in logged)
 
 
@@ -70,12 +77,16 @@ async def test_reading_in_the_future_is_kept_with_a_warning(capsys) -> None:
     future = (NOW + timedelta(days=1)).isoformat()
     [out] = await stage()(message(timestamp=future))
     assert isinstance(out, Reading)
-    logged = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    logged = [
+        json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")
+    ]
     assert any(e["level"] == "warning" and "future" in e["event"] for e in logged)
 
 
 async def test_reject_keeps_original_topic_and_payload() -> None:
-    bad = IngestMessage(topic=f"zev/{ORG}/7/messwert", payload=b"{oops", received_at=NOW, ingest_seq=3)
+    bad = IngestMessage(
+        topic=f"zev/{ORG}/7/messwert", payload=b"{oops", received_at=NOW, ingest_seq=3
+    )
     [out] = await stage()(bad)
     assert isinstance(out, Reject)
     assert (out.topic, out.payload, out.payload_encoding) == (bad.topic, "{oops", "utf-8")
