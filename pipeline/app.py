@@ -24,7 +24,7 @@ from pipeline.http import make_app, serve
 from pipeline.metrics import Metrics
 from pipeline.migrations import migrate
 from pipeline.publisher import OutboxPublisher
-from pipeline.runner import ChainRunner, Step
+from pipeline.runner import ChainRunner, Step, first_of
 from pipeline.topology import BY_NAME, CONSUMER_STAGES, STAGE_NAMES
 from stages.dedupe import Dedupe
 from stages.persist import Persist
@@ -102,6 +102,10 @@ class Pipeline:
             tasks = self._start(js, pool)
             if s.http_port:
                 http = await serve(make_app(self.health, self.metrics), s.http_host, s.http_port)
+            mqtt = self.health.components.get("mqtt")
+            if isinstance(mqtt, MqttHealth):
+                # "Ready" means a device's message will be taken: the subscription stands.
+                await first_of(mqtt.ever_subscribed, self.stop)
             log.info("pipeline running", stages=self.stages, mode=self.mode)
             self.ready.set()
             await self.stop.wait()
@@ -182,16 +186,8 @@ class Pipeline:
                         changed=run.changed,
                     )
             window.due.clear()
-            stop = asyncio.ensure_future(self.stop.wait())
-            due = asyncio.ensure_future(window.due.wait())
-            await asyncio.wait(
-                {stop, due},
-                timeout=self.settings.sweep_interval_seconds,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            for waiter in (stop, due):
-                waiter.cancel()
-            if due.done() and not stop.done():
+            await first_of(self.stop, window.due, timeout_s=self.settings.sweep_interval_seconds)
+            if window.due.is_set() and not self.stop.is_set():
                 # A late reading woke us: let the rest of its burst arrive, then sum once.
                 await asyncio.sleep(COALESCE_S)
 

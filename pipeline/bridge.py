@@ -88,6 +88,7 @@ class MqttBridge:
             self.health.connected_since = time.monotonic()
             await client.subscribe(SUBSCRIPTION, qos=1)
             self.health.subscribed = True
+            self.health.ever_subscribed.set()
             self.health.last_error = None
             log.info("MQTT subscribed", topic=SUBSCRIPTION, client_id=self._settings.mqtt_client_id)
             messages = client.messages

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,6 +24,8 @@ class MqttHealth:
     last_error: str | None = None
     last_message_at: float | None = None
     connected_since: float | None = None
+    #: Set once the first subscription stands; messages published earlier may be lost.
+    ever_subscribed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def message_received(self) -> None:
         self.last_message_at = time.monotonic()

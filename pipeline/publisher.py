@@ -9,7 +9,6 @@ in between re-publishes, which JetStream's duplicate window turns into a no-op.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 import asyncpg
@@ -17,7 +16,7 @@ import structlog
 
 from pipeline.codec import encode
 from pipeline.metrics import Metrics
-from pipeline.runner import Abandoned, Backoff, JetStreamOut
+from pipeline.runner import Abandoned, Backoff, JetStreamOut, first_of
 from stages import publish
 
 log = structlog.get_logger("pipeline.publisher")
@@ -60,8 +59,7 @@ class OutboxPublisher:
                         break
                     continue
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=POLL_S)
+                await first_of(self._wake, self._stop, timeout_s=POLL_S)
         finally:
             listener.cancel()
 
@@ -93,12 +91,7 @@ class OutboxPublisher:
                 conn.add_termination_listener(lambda _, closed=closed: closed.set())
                 await conn.add_listener("messwerte_outbox", lambda *_: self._wake.set())
                 self._wake.set()
-                waiters = {asyncio.ensure_future(e.wait()) for e in (closed, self._stop)}
-                try:
-                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for waiter in waiters:
-                        waiter.cancel()
+                await first_of(closed, self._stop)
             except Exception as exc:
                 log.debug("outbox listener reconnecting", error=repr(exc))
                 await asyncio.sleep(POLL_S)

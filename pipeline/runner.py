@@ -42,6 +42,16 @@ LAG_SAMPLE_S = 5.0
 StageFn = Callable[[Any], Any]
 
 
+async def first_of(*events: asyncio.Event, timeout_s: float | None = None) -> None:
+    """Return when any of `events` is set, or after `timeout_s`."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
 class Abandoned(Exception):
     """The worker is stopping; the batch stays unacknowledged and will be redelivered."""
 
