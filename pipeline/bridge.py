@@ -42,6 +42,7 @@ class MqttBridge:
         self._stop = stop
         self._out = JetStreamOut(js, stop)
         self._batch_size = settings.batch_size
+        self._max_payload_bytes = settings.max_payload_bytes
 
     def _client(self) -> aiomqtt.Client:
         target = self._settings.mqtt
@@ -118,7 +119,7 @@ class MqttBridge:
                 if isinstance(message.payload, bytes)
                 else bytes(str(message.payload), "utf-8")
             )
-            envelope = to_ingest(message.topic.value, payload, now)
+            envelope = to_ingest(message.topic.value, payload, now, self._max_payload_bytes)
             body, headers = encode(envelope)
             outbound.append((ingest_subject(envelope.topic), body, headers))
         self._metrics.mqtt_received.inc(len(batch))

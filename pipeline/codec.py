@@ -17,18 +17,20 @@ from schemas.messages import IngestMessage
 TOPIC_HEADER = "Mqtt-Topic"
 RECEIVED_HEADER = "Received-At"
 MSG_ID_HEADER = "Nats-Msg-Id"
+SIZE_HEADER = "Payload-Size"
 
 M = TypeVar("M", bound=BaseModel)
 
 
 def encode(message: BaseModel) -> tuple[bytes, dict[str, str]]:
     """Body and headers for a message; headers carry the idempotency key where it has one."""
+    headers: dict[str, str]
     if isinstance(message, IngestMessage):
-        return message.payload, {
-            TOPIC_HEADER: message.topic,
-            RECEIVED_HEADER: message.received_at.isoformat(),
-        }
-    headers: dict[str, str] = {}
+        headers = {TOPIC_HEADER: message.topic, RECEIVED_HEADER: message.received_at.isoformat()}
+        if message.payload_size is not None:
+            headers[SIZE_HEADER] = str(message.payload_size)
+        return message.payload, headers
+    headers = {}
     msg_id = getattr(message, "msg_id", None)
     if msg_id:
         headers[MSG_ID_HEADER] = msg_id
@@ -41,10 +43,12 @@ def decode(kind: type[M], msg: Any) -> M:
     """A received JetStream message as `kind`; raises ValueError if it is not one."""
     if kind is IngestMessage:
         headers = msg.headers or {}
+        size = headers.get(SIZE_HEADER)
         return IngestMessage(  # type: ignore[return-value]
             topic=headers.get(TOPIC_HEADER, ""),
             payload=msg.data,
             received_at=datetime.fromisoformat(headers[RECEIVED_HEADER]),
             ingest_seq=msg.metadata.sequence.stream,
+            payload_size=int(size) if size is not None else None,
         )
     return kind.model_validate_json(msg.data)

@@ -50,6 +50,9 @@ class IngestMessage(BaseModel):
     payload: bytes
     received_at: datetime
     ingest_seq: int = Field(default=0, description="JetStream sequence in the INGEST stream")
+    payload_size: int | None = Field(
+        default=None, description="original size when the payload was cut for being too large"
+    )
 
 
 class Reading(BaseModel):

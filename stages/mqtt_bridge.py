@@ -20,8 +20,25 @@ _SAFE_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 UNROUTABLE_SUBJECT = "ingest.unroutable"
 
 
-def to_ingest(topic: str, payload: bytes, received_at: datetime) -> IngestMessage:
-    """Wrap one MQTT message; the payload is not inspected here."""
+#: What of an oversized payload travels on, for the DLQ entry that explains the reject.
+OVERSIZE_KEPT_BYTES = 1024
+
+
+def to_ingest(
+    topic: str, payload: bytes, received_at: datetime, max_payload_bytes: int
+) -> IngestMessage:
+    """Wrap one MQTT message; the payload is not inspected here.
+
+    A payload over the size limit is cut to its first KiB with its real size noted: it will be
+    rejected anyway, and carried whole it could exceed what NATS accepts and stall the bridge.
+    """
+    if len(payload) > max_payload_bytes:
+        return IngestMessage(
+            topic=topic,
+            payload=payload[:OVERSIZE_KEPT_BYTES],
+            received_at=received_at,
+            payload_size=len(payload),
+        )
     return IngestMessage(topic=topic, payload=payload, received_at=received_at)
 
 

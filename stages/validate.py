@@ -226,6 +226,12 @@ class Validate:
 
     async def _validate(self, msg: IngestMessage) -> Reading:
         org, einheit_id = parse_topic(msg.topic)
+        size = msg.payload_size or len(msg.payload)
+        if size > self._max_payload_bytes:
+            raise _Refused(
+                RejectReason.PAYLOAD_TOO_LARGE,
+                f"payload of {size} bytes exceeds {self._max_payload_bytes}",
+            )
         payload = parse_payload(msg.payload, self._max_payload_bytes)
         owner = await self._units.organization_of(einheit_id)
         if owner is None:

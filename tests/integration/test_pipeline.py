@@ -315,3 +315,20 @@ async def test_restart_aggregates_every_closed_interval_left_unprocessed(
             lambda: messwerte_published(settings.nats_url), lambda got: len(got) == len(expected)
         )
     assert {m["revision"] for m in published} == {1}
+
+
+async def test_payload_larger_than_nats_accepts_is_rejected_and_the_next_one_stored(
+    settings, units, db, mqtt_broker
+) -> None:
+    at = BASE + timedelta(minutes=8)
+    huge = b'{"timestamp": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+    async with running(settings):
+        await publish(
+            mqtt_broker.url, [(topic(ORG_A, 1), huge), (topic(ORG_A, 1), body(at, "1.5"))]
+        )
+        dlq = await eventually(
+            lambda: stream_messages(settings.nats_url, "DLQ"), lambda got: len(got) == 1
+        )
+        await eventually(lambda: db_raw(db), lambda got: (1, at) in got)
+    assert dlq[0].subject == "dlq.payload_too_large"
+    assert str(len(huge)) in dlq[0].data.decode()

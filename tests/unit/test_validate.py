@@ -114,3 +114,23 @@ async def test_good_message_next_to_bad_ones_is_not_lost() -> None:
     outputs = [out for msg in batch for out in await validate(msg)]
     assert [type(o).__name__ for o in outputs] == ["Reject", "Reading", "Reject", "Reading"]
     assert [o.ingest_seq for o in outputs if isinstance(o, Reading)] == [2, 4]
+
+
+async def test_payload_cut_by_the_bridge_is_rejected_as_too_large_with_its_real_size() -> None:
+    from stages.mqtt_bridge import OVERSIZE_KEPT_BYTES, to_ingest
+
+    huge = b"{" + b" " * (5 * 1024 * 1024) + b"}"
+    envelope = to_ingest(f"zev/{ORG}/7/messwert", huge, NOW, 64 * 1024)
+    assert len(envelope.payload) == OVERSIZE_KEPT_BYTES
+    [out] = await stage()(envelope)
+    assert isinstance(out, Reject)
+    assert out.reason == RejectReason.PAYLOAD_TOO_LARGE
+    assert str(len(huge)) in out.detail
+
+
+def test_payload_within_the_limit_travels_untouched() -> None:
+    from stages.mqtt_bridge import to_ingest
+
+    raw = b'{"timestamp": 1}'
+    envelope = to_ingest(f"zev/{ORG}/7/messwert", raw, NOW, 64 * 1024)
+    assert (envelope.payload, envelope.payload_size) == (raw, None)
