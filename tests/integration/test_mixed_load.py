@@ -156,7 +156,7 @@ async def test_mixed_load_matches_the_reference(
             timeout_s=60,
         )
 
-        async def messwerte() -> dict:
+        async def messwerte() -> dict[tuple[int, datetime], tuple[Decimal, Decimal, int]]:
             rows = await db.fetch(
                 "SELECT einheit_id, zeit, verbrauch, einspeisung, anzahl_rohwerte FROM messwerte"
             )
