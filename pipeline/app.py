@@ -19,7 +19,7 @@ import structlog
 from pipeline.bridge import MqttBridge
 from pipeline.broker import declare_streams, make_broker
 from pipeline.config import Settings
-from pipeline.health import AggregationHealth, Health, MqttHealth, Probe
+from pipeline.health import AggregationHealth, DatabaseHealth, Health, MqttHealth, Probe
 from pipeline.http import make_app, serve
 from pipeline.metrics import Metrics
 from pipeline.migrations import migrate
@@ -98,8 +98,11 @@ class Pipeline:
                 pool = await asyncpg.create_pool(
                     s.database_url, min_size=1, max_size=s.db_pool_size, command_timeout=30
                 )
-                self.health.components["database"] = Probe(lambda: _pool_alive(pool))
+                database = DatabaseHealth(pool)
+                self.health.components["database"] = database
             tasks = self._start(js, pool)
+            if pool is not None:
+                tasks.append(asyncio.create_task(database.watch(self.stop), name="db-health"))
             if s.http_port:
                 http = await serve(make_app(self.health, self.metrics), s.http_host, s.http_port)
             mqtt = self.health.components.get("mqtt")
@@ -190,7 +193,3 @@ class Pipeline:
             if window.due.is_set() and not self.stop.is_set():
                 # A late reading woke us: let the rest of its burst arrive, then sum once.
                 await asyncio.sleep(COALESCE_S)
-
-
-def _pool_alive(pool: asyncpg.Pool | None) -> bool:
-    return pool is not None and not pool._closed

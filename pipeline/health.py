@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -78,6 +79,35 @@ class AggregationHealth:
             "intervals": self.intervals,
             "rows": self.rows,
             "changed": self.changed,
+            "error": self.error,
+        }
+
+
+@dataclass
+class DatabaseHealth:
+    """PostgreSQL reachability, from a `SELECT 1` every `interval_s` (see `watch`)."""
+
+    pool: Any
+    interval_s: float = 5.0
+    timeout_s: float = 2.0
+    reachable: bool = True
+    error: str | None = None
+    checked_at: datetime | None = None
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(self.pool.fetchval("SELECT 1"), self.timeout_s)
+                self.reachable, self.error = True, None
+            except Exception as exc:
+                self.reachable, self.error = False, repr(exc)
+            self.checked_at = datetime.now(UTC)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.interval_s)
+
+    def status(self) -> tuple[bool, dict[str, Any]]:
+        return self.reachable, {
+            "checked_at": self.checked_at.isoformat() if self.checked_at else None,
             "error": self.error,
         }
 

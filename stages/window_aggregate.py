@@ -25,7 +25,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+import asyncpg
+import structlog
+
 from schemas.messages import Persisted, interval_end
+
+log = structlog.get_logger("stages.window_aggregate")
 
 STAGE = "window_aggregate"
 #: Intervals per statement; bounds lock time and statement size during a large catch-up.
@@ -129,11 +134,15 @@ class WindowAggregate:
         self._clock = clock
         #: Set when a row of an already closed interval changed: sweep soon.
         self.due = asyncio.Event()
+        #: Intervals the database refused to sum (overflow); they stay unprocessed and logged.
+        self.poisoned: set[tuple[int, datetime]] = set()
 
     def is_closed(self, end: datetime) -> bool:
         return end + self.grace <= self._clock()
 
     def __call__(self, batch: Sequence[Persisted]) -> list[AggregationRun]:
+        for p in batch:  # a changed row may be the correction that makes the sum fit
+            self.poisoned.discard((p.einheit_id, interval_end(p.timestamp)))
         if any(self.is_closed(interval_end(p.timestamp)) for p in batch):
             self.due.set()
         return []
@@ -143,10 +152,12 @@ class WindowAggregate:
         total = AggregationRun()
         while True:
             cutoff = self._clock() - self.grace
-            rows = await self._pool.fetch(DUE_SQL, cutoff, CHUNK)
-            if not rows:
+            rows = await self._pool.fetch(DUE_SQL, cutoff, CHUNK + len(self.poisoned))
+            keys = [(r["einheit_id"], r["zeit"]) for r in rows]
+            keys = [k for k in keys if k not in self.poisoned]
+            if not keys:
                 return total
-            run = await self.aggregate((r["einheit_id"], r["zeit"]) for r in rows)
+            run = await self.aggregate(keys)
             total += run
             if run.marked == 0:  # nothing left that this pass could take over
                 return total
@@ -156,13 +167,28 @@ class WindowAggregate:
         total = AggregationRun()
         for start in range(0, len(ordered), CHUNK):
             chunk = ordered[start : start + CHUNK]
-            row = await self._pool.fetchrow(
-                AGGREGATE_SQL, [k[0] for k in chunk], [k[1] for k in chunk]
-            )
-            total += AggregationRun(
-                intervals=row["intervals"],
-                marked=row["marked"],
-                summed=row["summed"],
-                changed=row["changed"],
-            )
+            try:
+                total += await self._aggregate(chunk)
+            except asyncpg.DataError:
+                # One interval whose sum does not fit NUMERIC(12,4) must not hold up the rest.
+                for key in chunk:
+                    try:
+                        total += await self._aggregate([key])
+                    except asyncpg.DataError as exc:
+                        self.poisoned.add(key)
+                        log.error(
+                            "interval cannot be aggregated",
+                            einheit_id=key[0],
+                            zeit=key[1].isoformat(),
+                            error=str(exc),
+                        )
         return total
+
+    async def _aggregate(self, keys: Sequence[tuple[int, datetime]]) -> AggregationRun:
+        row = await self._pool.fetchrow(AGGREGATE_SQL, [k[0] for k in keys], [k[1] for k in keys])
+        return AggregationRun(
+            intervals=row["intervals"],
+            marked=row["marked"],
+            summed=row["summed"],
+            changed=row["changed"],
+        )

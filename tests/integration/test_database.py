@@ -201,3 +201,26 @@ async def test_sql_and_python_agree_on_interval_ends(pool) -> None:
         assert await pool.fetchval("SELECT messwerte_interval_end($1)", moment) == interval_end(
             moment
         )
+
+
+async def test_interval_whose_sum_overflows_does_not_hold_up_the_others(pool) -> None:
+    big = [reading(END - timedelta(minutes=m), "99999999.9999") for m in (1, 2)]
+    fine = reading(END + timedelta(minutes=5), "1.0")
+    await Persist(pool)([*big, fine])
+    aggregate = window(pool, END + timedelta(hours=1))
+    run = await aggregate.sweep()
+    assert run.intervals == 1
+    assert aggregate.poisoned == {(1, END)}
+    assert await pool.fetchval("SELECT verbrauch FROM messwerte") == Decimal("1.0000")
+
+
+async def test_overflowing_interval_is_retried_once_a_row_of_it_changes(pool) -> None:
+    at = END - timedelta(minutes=1)
+    persist = Persist(pool)
+    await persist([reading(at, "99999999.9999"), reading(at - timedelta(minutes=1), "1")])
+    aggregate = window(pool, END + timedelta(hours=1))
+    await aggregate.sweep()
+    assert (await aggregate.sweep()).intervals == 0  # not retried while nothing changed
+    aggregate([p for p in await persist([reading(at, "2", seq=2)]) if isinstance(p, Persisted)])
+    assert (await aggregate.sweep()).intervals == 1
+    assert await pool.fetchval("SELECT verbrauch FROM messwerte") == Decimal("3.0000")
