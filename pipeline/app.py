@@ -104,7 +104,13 @@ class Pipeline:
             if pool is not None:
                 tasks.append(asyncio.create_task(database.watch(self.stop), name="db-health"))
             if s.http_port:
-                http = await serve(make_app(self.health, self.metrics), s.http_host, s.http_port)
+                try:
+                    http = await serve(
+                        make_app(self.health, self.metrics), s.http_host, s.http_port
+                    )
+                except OSError as exc:
+                    # Losing the health/metrics endpoint must not stop readings from flowing.
+                    log.error("HTTP server not started", port=s.http_port, error=str(exc))
             mqtt = self.health.components.get("mqtt")
             if isinstance(mqtt, MqttHealth):
                 # "Ready" means a device's message will be taken: the subscription stands.

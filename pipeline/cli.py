@@ -1,4 +1,4 @@
-"""Command line (`pipeline`, also `python -m pipeline`): demo, migrate, run (design §8)."""
+"""Command line (`pipeline`, also `python -m pipeline`): demo, migrate, run, import-csv (§8)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pipeline.config import Settings
 from pipeline.logging import configure
@@ -32,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
         help=f"run only this stage (repeatable): {', '.join(STAGE_NAMES)}",
     )
     run.add_argument("--mode", choices=("split", "fused"), default="fused")
+    imp = verbs.add_parser("import-csv", help="feed CSV readings through the pipeline (quelle=CSV)")
+    imp.add_argument("file", type=Path, metavar="FILE")
     return parser
 
 
@@ -72,6 +75,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verb == "run":
         _use_uvloop()
         asyncio.run(_run_workers(settings, args.stage or STAGE_NAMES, args.mode))
+        return 0
+    if args.verb == "import-csv":
+        from pipeline.csv_import import import_csv
+
+        try:
+            summary = asyncio.run(import_csv(settings, args.file))
+        except (OSError, ValueError) as exc:
+            print(f"import-csv: {exc}", file=sys.stderr)
+            return 2
+        print(summary.line())
         return 0
     return 2  # pragma: no cover - argparse rejects unknown verbs
 

@@ -18,6 +18,7 @@ TOPIC_HEADER = "Mqtt-Topic"
 RECEIVED_HEADER = "Received-At"
 MSG_ID_HEADER = "Nats-Msg-Id"
 SIZE_HEADER = "Payload-Size"
+SOURCE_HEADER = "Quelle"
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -29,6 +30,8 @@ def encode(message: BaseModel) -> tuple[bytes, dict[str, str]]:
         headers = {TOPIC_HEADER: message.topic, RECEIVED_HEADER: message.received_at.isoformat()}
         if message.payload_size is not None:
             headers[SIZE_HEADER] = str(message.payload_size)
+        if message.quelle != "MQTT":
+            headers[SOURCE_HEADER] = message.quelle
         return message.payload, headers
     headers = {}
     msg_id = getattr(message, "msg_id", None)
@@ -50,5 +53,6 @@ def decode(kind: type[M], msg: Any) -> M:
             received_at=datetime.fromisoformat(headers[RECEIVED_HEADER]),
             ingest_seq=msg.metadata.sequence.stream,
             payload_size=int(size) if size is not None else None,
+            quelle=headers.get(SOURCE_HEADER, "MQTT"),
         )
     return kind.model_validate_json(msg.data)

@@ -103,10 +103,16 @@ CREATE TRIGGER messwerte_outbox_notify AFTER INSERT ON messwerte_outbox
     FOR EACH STATEMENT EXECUTE FUNCTION messwerte_outbox_notify();
 """
 
+RAW_SOURCE = """
+-- Where a raw reading came from ('MQTT' or 'CSV'): an interval is 'CSV' only if all its rows are.
+ALTER TABLE zaehler_rohdaten ADD COLUMN IF NOT EXISTS quelle VARCHAR(20) NOT NULL DEFAULT 'MQTT';
+"""
+
 #: Ordered steps; append, never edit a step that has shipped.
 STEPS: tuple[tuple[int, str, str], ...] = (
     (1, "contract tables of design §4", CONTRACT_SCHEMA),
     (2, "revision, interval function, outbox", PIPELINE_SCHEMA),
+    (3, "source of each raw reading", RAW_SOURCE),
 )
 
 

@@ -53,6 +53,7 @@ class IngestMessage(BaseModel):
     payload_size: int | None = Field(
         default=None, description="original size when the payload was cut for being too large"
     )
+    quelle: str = Field(default="MQTT", description="source: 'MQTT', or 'CSV' for imports")
 
 
 class Reading(BaseModel):
@@ -69,6 +70,7 @@ class Reading(BaseModel):
     zaehlerstand_einspeisung: Decimal | None = None
     received_at: datetime
     ingest_seq: int = 0
+    quelle: str = "MQTT"
 
     @property
     def key(self) -> tuple[int, datetime]:

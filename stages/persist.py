@@ -25,10 +25,10 @@ STAGE = "persist"
 UPSERT_SQL = """
 INSERT INTO zaehler_rohdaten AS z (
     einheit_id, organization_id, timestamp, verbrauch, einspeisung,
-    zaehlerstand_verbrauch, zaehlerstand_einspeisung, empfangen_am)
+    zaehlerstand_verbrauch, zaehlerstand_einspeisung, empfangen_am, quelle)
 SELECT * FROM unnest(
     $1::bigint[], $2::uuid[], $3::timestamptz[], $4::numeric[], $5::numeric[],
-    $6::numeric[], $7::numeric[], $8::timestamptz[])
+    $6::numeric[], $7::numeric[], $8::timestamptz[], $9::varchar[])
 ON CONFLICT (einheit_id, timestamp) DO UPDATE SET
     organization_id = EXCLUDED.organization_id,
     verbrauch = EXCLUDED.verbrauch,
@@ -36,6 +36,7 @@ ON CONFLICT (einheit_id, timestamp) DO UPDATE SET
     zaehlerstand_verbrauch = EXCLUDED.zaehlerstand_verbrauch,
     zaehlerstand_einspeisung = EXCLUDED.zaehlerstand_einspeisung,
     empfangen_am = EXCLUDED.empfangen_am,
+    quelle = EXCLUDED.quelle,
     verarbeitet = FALSE,
     verarbeitet_am = NULL
 WHERE (z.verbrauch, z.einspeisung, z.zaehlerstand_verbrauch, z.zaehlerstand_einspeisung)
@@ -91,6 +92,7 @@ class Persist:
             [r.zaehlerstand_verbrauch for r in rows],
             [r.zaehlerstand_einspeisung for r in rows],
             [r.received_at for r in rows],
+            [r.quelle for r in rows],
         )
         return {(rec["einheit_id"], rec["timestamp"]) for rec in result}
 

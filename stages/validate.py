@@ -257,6 +257,7 @@ class Validate:
             zaehlerstand_einspeisung=payload.zaehlerstand_einspeisung,
             received_at=msg.received_at,
             ingest_seq=msg.ingest_seq,
+            quelle=msg.quelle,
         )
 
     @staticmethod

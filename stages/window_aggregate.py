@@ -12,9 +12,10 @@ once, not once per batch, and the database stays the only source of what is due.
 
 One statement per set of intervals does, in one transaction: lock the intervals' raw rows in
 key order, sum *all* of them (never only the unprocessed ones), upsert `messwerte` with
-`quelle='MQTT'` raising `revision` only when something changed, append each changed row to the
-outbox, and mark the raw rows `verarbeitet`. A raw row changed concurrently is either seen by
-the lock (and summed) or reset to unprocessed after it (and summed by the next sweep).
+`quelle='MQTT'` (`'CSV'` when every row came from an import), raising `revision` only when
+something changed, append each changed row to the outbox, and mark the raw rows `verarbeitet`.
+A raw row changed concurrently is either seen by the lock (and summed) or reset to unprocessed
+after it (and summed by the next sweep).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ WITH keys AS (
     SELECT DISTINCT * FROM unnest($1::bigint[], $2::timestamptz[]) AS k(einheit_id, zeit)
 ), locked AS (
     SELECT z.id, z.einheit_id, k.zeit, z.organization_id, z.verbrauch, z.einspeisung,
-           z.verarbeitet
+           z.verarbeitet, z.quelle
     FROM zaehler_rohdaten z
     JOIN keys k ON z.einheit_id = k.einheit_id
                AND z.timestamp > k.zeit - INTERVAL '15 minutes' AND z.timestamp <= k.zeit
@@ -54,12 +55,13 @@ WITH keys AS (
 ), sums AS (
     SELECT einheit_id, zeit, (array_agg(organization_id))[1] AS organization_id,
            sum(verbrauch) AS verbrauch, sum(einspeisung) AS einspeisung,
-           count(*)::integer AS anzahl
+           count(*)::integer AS anzahl,
+           CASE WHEN bool_and(quelle = 'CSV') THEN 'CSV' ELSE 'MQTT' END AS quelle
     FROM locked GROUP BY einheit_id, zeit
 ), upserted AS (
     INSERT INTO messwerte AS m (einheit_id, zeit, verbrauch, einspeisung, quelle,
                                 anzahl_rohwerte, revision)
-    SELECT einheit_id, zeit, verbrauch, einspeisung, 'MQTT', anzahl, 1 FROM sums
+    SELECT einheit_id, zeit, verbrauch, einspeisung, quelle, anzahl, 1 FROM sums
     ON CONFLICT (einheit_id, zeit) DO UPDATE SET
         verbrauch = EXCLUDED.verbrauch,
         einspeisung = EXCLUDED.einspeisung,
