@@ -56,6 +56,11 @@ class IngestMessage(BaseModel):
     quelle: str = Field(default="MQTT", description="source: 'MQTT', or 'CSV' for imports")
 
 
+def internal_msg_id(einheit_id: int, timestamp: datetime, content_hash: str, seq: int) -> str:
+    """`Nats-Msg-Id` on internal subjects: key, content hash and the originating ingest message."""
+    return f"{einheit_id}:{_epoch_us(timestamp)}:{content_hash}:{seq}"
+
+
 class Reading(BaseModel):
     """A validated smart-meter reading for one unit (einheit) at one timestamp."""
 
@@ -88,18 +93,16 @@ class Reading(BaseModel):
         return hashlib.blake2b("|".join(parts).encode(), digest_size=8).hexdigest()
 
     @property
+    def msg_id(self) -> str:
+        return internal_msg_id(self.einheit_id, self.timestamp, self.content_hash, self.ingest_seq)
+
+    @property
     def values(self) -> tuple[Decimal | None, ...]:
         return (
             self.verbrauch,
             self.einspeisung,
             self.zaehlerstand_verbrauch,
             self.zaehlerstand_einspeisung,
-        )
-
-    @property
-    def msg_id(self) -> str:
-        return (
-            f"{self.einheit_id}:{_epoch_us(self.timestamp)}:{self.content_hash}:{self.ingest_seq}"
         )
 
 
@@ -116,9 +119,7 @@ class Persisted(BaseModel):
 
     @property
     def msg_id(self) -> str:
-        return (
-            f"{self.einheit_id}:{_epoch_us(self.timestamp)}:{self.content_hash}:{self.ingest_seq}"
-        )
+        return internal_msg_id(self.einheit_id, self.timestamp, self.content_hash, self.ingest_seq)
 
 
 class Reject(BaseModel):

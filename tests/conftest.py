@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 
+from pipeline.config import Settings
 from pipeline.devstack import Mosquitto, NatsServer, Postgres, mosquitto_binary
 from pipeline.migrations import migrate
 
@@ -66,6 +67,20 @@ async def db(database: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(database)
     yield conn
     await conn.close()
+
+
+@pytest.fixture
+def settings(database: str, nats_server: NatsServer, mqtt_broker: Broker) -> Settings:
+    """Worker settings against this test's servers: short grace, fast sweeps, no HTTP."""
+    return Settings(
+        mqtt_url=mqtt_broker.url,
+        nats_url=nats_server.url,
+        database_url=database,
+        window_grace_seconds=1,
+        http_port=0,
+        sweep_interval_seconds=0.2,
+        mqtt_client_id=f"bridge-{uuid.uuid4().hex[:8]}",
+    )
 
 
 @pytest.fixture

@@ -9,28 +9,12 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
-import pytest
-
-from pipeline.config import Settings
 from pipeline.csv_import import import_csv
 from tests.conftest import eventually
 from tests.integration.support import body, publish, running, stream_messages, topic
 
 ORG = uuid.UUID("550e8400-e29b-41d4-a716-446655440000")
 END = (datetime.now(UTC) - timedelta(hours=2)).replace(minute=15, second=0, microsecond=0)
-
-
-@pytest.fixture
-def settings(database, nats_server, mqtt_broker) -> Settings:
-    return Settings(
-        mqtt_url=mqtt_broker.url,
-        nats_url=nats_server.url,
-        database_url=database,
-        window_grace_seconds=1,
-        http_port=0,
-        sweep_interval_seconds=0.2,
-        mqtt_client_id=f"bridge-{uuid.uuid4().hex[:8]}",
-    )
 
 
 def write_csv(path: Path, rows: list[str]) -> Path:

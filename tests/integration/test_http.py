@@ -32,17 +32,8 @@ CONTRACT_METRICS = [
 
 
 @pytest.fixture
-def settings(database, nats_server, mqtt_broker) -> Settings:
-    return Settings(
-        mqtt_url=mqtt_broker.url,
-        nats_url=nats_server.url,
-        database_url=database,
-        window_grace_seconds=1,
-        http_port=free_port(),
-        http_host="127.0.0.1",
-        sweep_interval_seconds=0.2,
-        mqtt_client_id=f"bridge-{uuid.uuid4().hex[:8]}",
-    )
+def settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"http_port": free_port(), "http_host": "127.0.0.1"})
 
 
 async def get(settings: Settings, path: str) -> tuple[int, str, dict[str, Any]]:

@@ -16,7 +16,6 @@ from decimal import Decimal
 
 import pytest
 
-from pipeline.config import Settings
 from tests.conftest import eventually
 from tests.integration.support import (
     Reference,
@@ -120,18 +119,10 @@ def phase(
 
 
 @pytest.mark.parametrize("mode", ["fused", "split"])
-async def test_mixed_load_matches_the_reference(
-    mode, database, nats_server, mqtt_broker, db
-) -> None:
+async def test_mixed_load_matches_the_reference(mode, settings, mqtt_broker, db) -> None:
     await db.executemany("INSERT INTO einheit VALUES ($1, $2)", list(UNITS.items()))
-    settings = Settings(
-        mqtt_url=mqtt_broker.url,
-        nats_url=nats_server.url,
-        database_url=database,
-        window_grace_seconds=5,
-        http_port=0,
-        sweep_interval_seconds=0.5,
-        mqtt_client_id=f"bridge-{uuid.uuid4().hex[:8]}",
+    settings = settings.model_copy(
+        update={"window_grace_seconds": 5, "sweep_interval_seconds": 0.5}
     )
     rng = random.Random(20261122)
     first, valid_1, bad_1 = phase(rng, 1500, 150)

@@ -11,7 +11,6 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
-from pipeline.config import Settings
 from tests.conftest import eventually
 from tests.integration.support import (
     Reference,
@@ -30,19 +29,6 @@ ORG_B = uuid.UUID("6ba7b810-9dad-11d1-80b4-00c04fd430c8")
 UNITS = {1: ORG_A, 2: ORG_A, 3: ORG_B}
 #: A closed stretch of time: three quarter hours well in the past.
 BASE = (datetime.now(UTC) - timedelta(hours=3)).replace(minute=0, second=0, microsecond=0)
-
-
-@pytest.fixture
-def settings(database: str, nats_server, mqtt_broker) -> Settings:
-    return Settings(
-        mqtt_url=mqtt_broker.url,
-        nats_url=nats_server.url,
-        database_url=database,
-        window_grace_seconds=1,
-        http_port=0,
-        sweep_interval_seconds=0.2,
-        mqtt_client_id=f"bridge-{uuid.uuid4().hex[:8]}",
-    )
 
 
 @pytest.fixture
