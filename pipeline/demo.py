@@ -39,6 +39,7 @@ ORGANIZATIONS = (
 )
 UNITS_PER_ORG = 20
 DEMO_GRACE_S = 5.0
+RATE_WINDOW_S = 10.0
 
 
 def _counter(metrics: Metrics, name: str, **labels: str) -> float:
@@ -54,9 +55,9 @@ class LiveView:
         self._tty = tty
         self.latest: deque[dict[str, Any]] = deque(maxlen=8)
         self.published = 0
-        self._previous: dict[str, float] = {}
+        # (time, totals per stage) of recent renders: rates are over the last RATE_WINDOW_S.
+        self._history: deque[tuple[float, dict[str, float]]] = deque()
         self._last_print = time.monotonic()
-        self._last_rates = time.monotonic()
 
     def on_message(self, data: bytes) -> None:
         self.published += 1
@@ -65,9 +66,9 @@ class LiveView:
     def render(self, fleet_published: int, elapsed_s: float) -> None:
         if not self._tty and time.monotonic() - self._last_print < 10:
             return
-        self._last_print = time.monotonic()
-        span_s = max(time.monotonic() - self._last_rates, 1e-3)
-        self._last_rates = time.monotonic()
+        now = time.monotonic()
+        self._last_print = now
+        totals: dict[str, float] = {}
         stages = ("mqtt_bridge", "validate", "dedupe", "persist", "window_aggregate", "publish")
         rates = []
         for stage in stages:
@@ -80,8 +81,14 @@ class LiveView:
                 )
             else:
                 total = _counter(self._metrics, name, stage=stage)
-            rate = (total - self._previous.get(stage, 0.0)) / span_s
-            self._previous[stage] = total
+            totals[stage] = total
+        self._history.append((now, totals))
+        while len(self._history) > 2 and now - self._history[1][0] >= RATE_WINDOW_S:
+            self._history.popleft()
+        since, before = self._history[0]
+        span_s = max(now - since, 1e-3)
+        for stage in stages:
+            rate = (totals[stage] - before[stage]) / span_s if since < now else 0.0
             rates.append(f"{stage} {rate:>5.0f}/s")
         lag = _counter(self._metrics, "pipeline_consumer_pending_messages", stage="validate")
         failed = _counter(self._metrics, "zev_mqtt_messages_failed_total")
