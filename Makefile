@@ -27,8 +27,11 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
+# The end-to-end modules run a second time with nats-server's MQTT listener as the broker (what
+# `make demo` uses), so that path is tested on machines that have mosquitto too.
 test: venv lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
+	MESSWERTE_TEST_BROKER=nats $(BIN)/pytest tests/integration/test_pipeline.py tests/integration/test_mixed_load.py $(PYTEST_ARGS)
 
 unit: venv
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)

@@ -157,7 +157,7 @@ async def _run(duration_s: float | None, workdir: Path) -> tuple[int, int]:
         fleet = Fleet(mqtt_url, units)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
         started = time.monotonic()
         print(

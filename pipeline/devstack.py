@@ -11,6 +11,7 @@ still do the one delicate part: running PostgreSQL as an unprivileged user when 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import getpass
 import os
 import shutil
@@ -48,6 +49,16 @@ def wait_for_port(
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
 
 
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: have the kernel send SIGTERM to the child if we die, even by SIGKILL."""
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
 class _Process:
     """A child server process with a log file; stop() ends it and only it."""
 
@@ -68,6 +79,7 @@ class _Process:
             stdin=subprocess.DEVNULL,
             user=user,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         log.close()
 

@@ -8,6 +8,7 @@ listener) are started per test, so no state leaks between tests.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -83,9 +84,14 @@ def settings(database: str, nats_server: NatsServer, mqtt_broker: Broker) -> Set
     )
 
 
+def use_mosquitto() -> bool:
+    """mosquitto when installed; MESSWERTE_TEST_BROKER=nats forces the NATS MQTT listener."""
+    return os.environ.get("MESSWERTE_TEST_BROKER") != "nats" and mosquitto_binary() is not None
+
+
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path / "nats", mqtt=mosquitto_binary() is None).start()
+    server = NatsServer(tmp_path / "nats", mqtt=not use_mosquitto()).start()
     yield server
     server.stop()
 
@@ -96,6 +102,10 @@ class Broker:
     def __init__(self, url: str, process: Any) -> None:
         self.url = url
         self.process = process
+        #: Largest payload the broker passes on (nats-server's max_payload is 1 MiB).
+        self.max_payload_bytes = (
+            1024 * 1024 - 1024 if isinstance(process, NatsServer) else 256 * 1024 * 1024
+        )
 
     @property
     def port(self) -> int:
@@ -104,7 +114,7 @@ class Broker:
 
 @pytest.fixture
 def mqtt_broker(tmp_path: Path, nats_server: NatsServer) -> Iterator[Broker]:
-    if mosquitto_binary() is None:
+    if not use_mosquitto():
         yield Broker(nats_server.mqtt_url, nats_server)
         return
     server = Mosquitto(tmp_path / "mosquitto").start()
