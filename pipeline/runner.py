@@ -31,7 +31,6 @@ from pipeline.codec import TOPIC_HEADER, decode, encode
 from pipeline.metrics import Metrics
 from pipeline.topology import Stage
 from schemas.messages import IngestMessage, Reject, RejectReason
-from stages.window_aggregate import AggregationRun
 
 log = structlog.get_logger("pipeline.runner")
 
@@ -98,10 +97,6 @@ def observe(metrics: Metrics, step: Step, n_in: int, outputs: Sequence[Any]) -> 
         if isinstance(out, Reject):
             metrics.mqtt_failed.inc()
             metrics.rejects.labels(str(out.reason)).inc()
-        elif isinstance(out, AggregationRun):
-            metrics.aggregation_runs.inc()
-            metrics.aggregation_records.inc(out.marked)
-            metrics.aggregation_last_run.set(time.time())
     for kind, count in counts.items():
         metrics.stage_out.labels(name, kind).inc(count)
     if name == "validate":
