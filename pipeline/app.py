@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Literal, TypeVar
 
 import asyncpg
 import structlog
@@ -24,7 +24,7 @@ from pipeline.http import make_app, serve
 from pipeline.metrics import Metrics
 from pipeline.migrations import migrate
 from pipeline.publisher import OutboxPublisher
-from pipeline.runner import ChainRunner, Step, first_of
+from pipeline.runner import Abandoned, Backoff, ChainRunner, Step, first_of
 from pipeline.topology import BY_NAME, CONSUMER_STAGES, STAGE_NAMES
 from stages.dedupe import Dedupe
 from stages.persist import Persist
@@ -34,6 +34,7 @@ from stages.window_aggregate import WindowAggregate
 log = structlog.get_logger("pipeline.app")
 
 Mode = Literal["split", "fused"]
+T = TypeVar("T")
 DB_STAGES = {"validate", "persist", "window_aggregate", "publish"}
 DRAIN_TIMEOUT_S = 8.0
 COALESCE_S = 0.25
@@ -79,10 +80,26 @@ class Pipeline:
         self.runners: list[ChainRunner] = []
         self.aggregation = AggregationHealth()
 
+    async def _until_up(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Start-up against services that may not be there yet: retry with backoff until stop."""
+        backoff = Backoff(self.stop, first_s=0.5, cap_s=10.0)
+        while True:
+            try:
+                return await attempt()
+            except Exception as exc:
+                log.warning("not reachable yet, retrying", service=what, error=repr(exc))
+                await backoff.wait()  # raises Abandoned once stop is set
+
     async def run(self) -> None:
+        try:
+            await self._run()
+        except Abandoned:
+            log.info("stopped before start-up completed")
+
+    async def _run(self) -> None:
         s = self.settings
         broker = make_broker(s.nats_servers)
-        nc = await broker.connect()
+        nc = await self._until_up("nats", broker.connect)
         js = nc.jetstream()
         self.health.components["nats"] = Probe(
             lambda: nc.is_connected, lambda: {"servers": s.nats_servers}
@@ -91,12 +108,15 @@ class Pipeline:
         tasks: list[asyncio.Task[Any]] = []
         http = None
         try:
-            await declare_streams(js)
+            await self._until_up("nats", lambda: declare_streams(js))
             if DB_STAGES & set(self.stages):
                 if self.auto_migrate:
-                    await migrate(s.database_url)
-                pool = await asyncpg.create_pool(
-                    s.database_url, min_size=1, max_size=s.db_pool_size, command_timeout=30
+                    await self._until_up("postgresql", lambda: migrate(s.database_url))
+                pool = await self._until_up(
+                    "postgresql",
+                    lambda: asyncpg.create_pool(
+                        s.database_url, min_size=1, max_size=s.db_pool_size, command_timeout=30
+                    ),
                 )
                 database = DatabaseHealth(pool)
                 self.health.components["database"] = database
