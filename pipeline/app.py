@@ -18,7 +18,7 @@ import structlog
 
 from pipeline.bridge import MqttBridge
 from pipeline.broker import declare_streams, make_broker
-from pipeline.config import Settings
+from pipeline.config import Settings, redact
 from pipeline.health import AggregationHealth, DatabaseHealth, Health, MqttHealth, Probe
 from pipeline.http import make_app, serve
 from pipeline.metrics import Metrics
@@ -135,7 +135,14 @@ class Pipeline:
             if isinstance(mqtt, MqttHealth):
                 # "Ready" means a device's message will be taken: the subscription stands.
                 await first_of(mqtt.ever_subscribed, self.stop)
-            log.info("pipeline running", stages=self.stages, mode=self.mode)
+            log.info(
+                "pipeline running",
+                stages=self.stages,
+                mode=self.mode,
+                mqtt=repr(s.mqtt),
+                nats=s.nats_servers,
+                database=redact(s.database_url),
+            )
             self.ready.set()
             await self.stop.wait()
             log.info("draining")

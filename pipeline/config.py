@@ -12,6 +12,15 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def redact(url: str) -> str:
+    """A URL fit for logs: the password, if any, replaced."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
 class MqttTarget:
     """The parts of `PIPELINE_MQTT_URL` (`mqtt[s]://user:pass@host:port`)."""
 
