@@ -16,6 +16,8 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
+from schemas.messages import interval_end
+
 #: NUMERIC(12,4): 8 digits before the point, 4 after.
 NUMERIC_SCALE = Decimal("0.0001")
 NUMERIC_LIMIT = Decimal("100000000")
@@ -63,6 +65,12 @@ def _parse_timestamp(value: Any) -> datetime:
         ) from None
     if parsed.tzinfo is None:  # pragma: no cover - the regex requires an offset
         raise PydanticCustomError("invalid_timestamp", "timestamp has no UTC offset")
+    try:
+        interval_end(parsed)  # in UTC, and with its quarter hour, still a representable date
+    except OverflowError:
+        raise PydanticCustomError(
+            "invalid_timestamp", "timestamp {value!r} is out of range", {"value": value[:64]}
+        ) from None
     return parsed
 
 

@@ -224,7 +224,7 @@ class Validate:
             self._log_reject(msg, refused)
             return [Reject.of(msg, refused.reason, refused.detail, STAGE)]
 
-    async def _validate(self, msg: IngestMessage) -> Reading:
+    def _parse(self, msg: IngestMessage) -> tuple[UUID, int, MesswertPayload]:
         org, einheit_id = parse_topic(msg.topic)
         size = msg.payload_size or len(msg.payload)
         if size > self._max_payload_bytes:
@@ -232,7 +232,20 @@ class Validate:
                 RejectReason.PAYLOAD_TOO_LARGE,
                 f"payload of {size} bytes exceeds {self._max_payload_bytes}",
             )
-        payload = parse_payload(msg.payload, self._max_payload_bytes)
+        return org, einheit_id, parse_payload(msg.payload, self._max_payload_bytes)
+
+    async def _validate(self, msg: IngestMessage) -> Reading:
+        try:
+            org, einheit_id, payload = self._parse(msg)
+        except _Refused:
+            raise
+        except Exception as exc:
+            # Parsing is deterministic: whatever it raises, the message would raise again on
+            # every retry. Reject it rather than hold up every message behind it.
+            log.error("unexpected error parsing a message", error=repr(exc), topic=msg.topic[:200])
+            raise _Refused(
+                RejectReason.UNDECODABLE, f"message could not be parsed: {exc!r}"
+            ) from None
         owner = await self._units.organization_of(einheit_id)
         if owner is None:
             raise _Refused(RejectReason.UNKNOWN_UNIT, f"einheit {einheit_id} is unknown")

@@ -172,3 +172,14 @@ def test_good_topic_parses() -> None:
     org, unit = parse_topic("zev/550e8400-e29b-41d4-a716-446655440000/123/messwert")
     assert str(org) == "550e8400-e29b-41d4-a716-446655440000"
     assert unit == 123
+
+
+@pytest.mark.parametrize(
+    "stamp", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:00-14:00", "9999-12-31T23:50:00Z"]
+)
+def test_timestamp_outside_representable_utc_range_is_rejected(stamp: str) -> None:
+    assert reason_of(payload(timestamp=stamp)) == RejectReason.INVALID_TIMESTAMP
+
+
+def test_earliest_representable_timestamp_is_accepted() -> None:
+    assert parse_payload(payload(timestamp="0001-01-01T00:00:00Z")).timestamp.year == 1

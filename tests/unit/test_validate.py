@@ -134,3 +134,16 @@ def test_payload_within_the_limit_travels_untouched() -> None:
     raw = b'{"timestamp": 1}'
     envelope = to_ingest(f"zev/{ORG}/7/messwert", raw, NOW, 64 * 1024)
     assert (envelope.payload, envelope.payload_size) == (raw, None)
+
+
+async def test_a_parser_bug_rejects_the_message_instead_of_blocking_the_stage(monkeypatch) -> None:
+    import stages.validate as module
+
+    def explode(payload: bytes, max_bytes: int) -> None:
+        raise ZeroDivisionError("bug")
+
+    monkeypatch.setattr(module, "parse_payload", explode)
+    [out] = await stage()(message())
+    assert isinstance(out, Reject)
+    assert out.reason == RejectReason.UNDECODABLE
+    assert "ZeroDivisionError" in out.detail
