@@ -11,6 +11,7 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
+from pipeline.devstack import Mosquitto
 from tests.conftest import eventually
 from tests.integration.support import (
     Reference,
@@ -327,3 +328,27 @@ async def test_payload_larger_than_nats_accepts_is_rejected_and_the_next_one_sto
         await eventually(lambda: db_raw(db), lambda got: (1, at) in got)
     assert dlq[0].subject == "dlq.payload_too_large"
     assert str(len(huge)) in dlq[0].data.decode()
+
+
+async def test_topics_with_nats_wildcards_or_dots_are_rejected_as_invalid_topic(
+    settings, units, db, mqtt_broker
+) -> None:
+    at = BASE + timedelta(minutes=9)
+    tricky = [
+        f"zev/{ORG_A}.x/1/messwert",
+        "zev/*/1/messwert",
+        f"zev/{'9' * 300}/1/messwert",
+    ]
+    if isinstance(mqtt_broker.process, Mosquitto):
+        # nats-server's MQTT listener refuses a space and silently drops a `>` token itself.
+        tricky += [f"zev/{ORG_A}/1 /messwert", "zev/>/1/messwert"]
+    good = (topic(ORG_A, 1), body(at, "1"))
+    async with running(settings) as pipeline:
+        await publish(mqtt_broker.url, [*[(t, body(at, "1")) for t in tricky], good])
+        await eventually(lambda: db_raw(db), lambda got: (1, at) in got)
+        dlq = await eventually(
+            lambda: stream_messages(settings.nats_url, "DLQ"), lambda got: len(got) == len(tricky)
+        )
+        failed = await metric(pipeline, "zev_mqtt_messages_failed_total")
+    assert {m.subject for m in dlq} == {"dlq.invalid_topic"}
+    assert failed == len(tricky)
