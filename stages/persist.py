@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Protocol
 
 import asyncpg
 import structlog
 
 from schemas.messages import IngestMessage, Persisted, Reading, Reject, RejectReason
+from stages.db import Database
 
 log = structlog.get_logger("stages.persist")
 
@@ -46,10 +46,6 @@ RETURNING einheit_id, timestamp
 """
 
 
-class Pool(Protocol):
-    async def fetch(self, query: str, *args: Any) -> list[Any]: ...
-
-
 def collapse(batch: Sequence[Reading]) -> list[Reading]:
     """One reading per key, the later one winning, in key order."""
     latest: dict[tuple[int, datetime], Reading] = {}
@@ -63,7 +59,7 @@ class Persist:
 
     batched = True
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Database) -> None:
         self._pool = pool
 
     async def __call__(self, batch: Sequence[Reading]) -> list[Persisted | Reject]:

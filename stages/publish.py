@@ -8,10 +8,11 @@ JetStream), and deletes the rows once JetStream has stored them. `Outbox` is the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from schemas.messages import QUARTER_HOUR
 from schemas.output import MesswertMessage
+from stages.db import Database
 
 STAGE = "publish"
 
@@ -37,17 +38,11 @@ def to_message(row: Any) -> MesswertMessage:
     )
 
 
-class Connection(Protocol):
-    async def fetch(self, query: str, *args: Any) -> list[Any]: ...
-
-    async def execute(self, query: str, *args: Any) -> str: ...
-
-
-async def claim(conn: Connection, limit: int) -> list[Any]:
+async def claim(conn: Database, limit: int) -> list[Any]:
     """Lock up to `limit` outbox rows, oldest first; call inside a transaction."""
     return await conn.fetch(CLAIM_SQL, limit)
 
 
-async def done(conn: Connection, ids: Sequence[int]) -> None:
+async def done(conn: Database, ids: Sequence[int]) -> None:
     """Remove published rows; call in the transaction that claimed them."""
     await conn.execute("DELETE FROM messwerte_outbox WHERE id = ANY($1::bigint[])", list(ids))

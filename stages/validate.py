@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from schemas.messages import IngestMessage, Reading, Reject, RejectReason
 from schemas.payload import MesswertPayload
+from stages.db import Database
 
 log = structlog.get_logger("stages.validate")
 
@@ -50,12 +51,6 @@ class UnitDirectory(Protocol):
     async def organization_of(self, einheit_id: int) -> UUID | None: ...
 
 
-class Pool(Protocol):
-    async def fetch(self, query: str, *args: Any) -> list[Any]: ...
-
-    async def fetchrow(self, query: str, *args: Any) -> Any: ...
-
-
 class EinheitCache:
     """Units from the `einheit` table, cached.
 
@@ -64,7 +59,7 @@ class EinheitCache:
     is re-read every `refresh_s` to notice a unit that moved to another organization.
     """
 
-    def __init__(self, pool: Pool, *, refresh_s: float = 30.0, miss_ttl_s: float = 1.0) -> None:
+    def __init__(self, pool: Database, *, refresh_s: float = 30.0, miss_ttl_s: float = 1.0) -> None:
         self._pool = pool
         self._refresh_s = refresh_s
         self._miss_ttl_s = miss_ttl_s

@@ -24,12 +24,13 @@ import asyncio
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 import asyncpg
 import structlog
 
 from schemas.messages import Persisted, interval_end
+from stages.db import Database
 
 log = structlog.get_logger("stages.window_aggregate")
 
@@ -95,12 +96,6 @@ LIMIT $2
 """
 
 
-class Pool(Protocol):
-    async def fetch(self, query: str, *args: Any) -> list[Any]: ...
-
-    async def fetchrow(self, query: str, *args: Any) -> Any: ...
-
-
 @dataclass(frozen=True, slots=True)
 class AggregationRun:
     """What one aggregation did: intervals summed, raw rows newly marked, rows published anew."""
@@ -126,7 +121,7 @@ class WindowAggregate:
 
     def __init__(
         self,
-        pool: Pool,
+        pool: Database,
         *,
         grace: timedelta = timedelta(seconds=60),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),

@@ -1,0 +1,16 @@
+"""What stages need of a database handle: the part of asyncpg's Pool/Connection they call.
+
+Stages take it injected, so a test can hand them a real pool, a connection or a fake.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class Database(Protocol):
+    async def fetch(self, query: str, *args: Any) -> list[Any]: ...
+
+    async def fetchrow(self, query: str, *args: Any) -> Any: ...
+
+    async def execute(self, query: str, *args: Any) -> str: ...
