@@ -42,7 +42,8 @@ COALESCE_S = 0.25
 
 def chains(stages: Iterable[str], mode: Mode) -> list[list[str]]:
     """Group the consumer stages to run: one each (split) or consecutive runs (fused)."""
-    selected = [name for name in CONSUMER_STAGES if name in set(stages)]
+    wanted = set(stages)
+    selected = [name for name in CONSUMER_STAGES if name in wanted]
     if mode == "split":
         return [[name] for name in selected]
     groups: list[list[str]] = []
@@ -65,19 +66,18 @@ class Pipeline:
         metrics: Metrics | None = None,
         auto_migrate: bool = True,
     ) -> None:
-        unknown = set(stages) - set(STAGE_NAMES)
+        wanted = set(stages)
+        unknown = wanted - set(STAGE_NAMES)
         if unknown:
             raise ValueError(f"unknown stage(s): {', '.join(sorted(unknown))}")
         self.settings = settings
-        self.stages = [s for s in STAGE_NAMES if s in set(stages)]
+        self.stages = [s for s in STAGE_NAMES if s in wanted]
         self.mode = mode
         self.metrics = metrics or Metrics()
         self.health = Health()
         self.auto_migrate = auto_migrate
         self.stop = asyncio.Event()
         self.ready = asyncio.Event()
-        self.publisher: OutboxPublisher | None = None
-        self.runners: list[ChainRunner] = []
         self.aggregation = AggregationHealth()
 
     async def _until_up(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
@@ -182,17 +182,14 @@ class Pipeline:
         for group in chains(self.stages, self.mode):
             steps = [Step(BY_NAME[name], impls[name]) for name in group]
             runner = ChainRunner(js, steps, self.metrics, self.stop, batch_size=s.batch_size)
-            self.runners.append(runner)
             self.health.components[f"stage:{runner.name}"] = Probe(
                 lambda r=runner: r.healthy, lambda r=runner: {"last_error": r.last_error}
             )
             tasks.append(asyncio.create_task(runner.run(), name=runner.name))
         if pool is not None and "publish" in self.stages:
-            self.publisher = OutboxPublisher(pool, s.database_url, js, self.metrics, self.stop)
-            self.health.components["publish"] = Probe(
-                lambda: self.publisher and self.publisher.healthy
-            )
-            tasks.append(asyncio.create_task(self.publisher.run(), name="publish"))
+            publisher = OutboxPublisher(pool, s.database_url, js, self.metrics, self.stop)
+            self.health.components["publish"] = Probe(lambda: publisher.healthy)
+            tasks.append(asyncio.create_task(publisher.run(), name="publish"))
         return tasks
 
     async def _sweep(self, window: WindowAggregate) -> None:
@@ -200,6 +197,7 @@ class Pipeline:
         m = self.metrics
         while not self.stop.is_set():
             started = time.perf_counter()
+            window.due.clear()  # before, not after: a late reading during this sweep wakes the next
             try:
                 run = await window.sweep()
             except Exception as exc:
@@ -221,7 +219,6 @@ class Pipeline:
                         rows=run.summed,
                         changed=run.changed,
                     )
-            window.due.clear()
             await first_of(self.stop, window.due, timeout_s=self.settings.sweep_interval_seconds)
             if window.due.is_set() and not self.stop.is_set():
                 # A late reading woke us: let the rest of its burst arrive, then sum once.

@@ -36,7 +36,6 @@ class OutboxPublisher:
         self._out = JetStreamOut(js, stop)
         self._wake = asyncio.Event()
         self.healthy = False
-        self.on_published: list[Any] = []
 
     async def run(self) -> None:
         listener = asyncio.create_task(self._listen())
@@ -77,8 +76,6 @@ class OutboxPublisher:
             await publish.done(conn, [row["id"] for row in rows])
         self._metrics.published.inc(len(messages))
         self._metrics.stage_out.labels("publish", "messwertmessage").inc(len(messages))
-        for callback in self.on_published:
-            callback(messages)
         return len(rows)
 
     async def _listen(self) -> None:

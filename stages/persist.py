@@ -21,6 +21,8 @@ from stages.db import Database
 log = structlog.get_logger("stages.persist")
 
 STAGE = "persist"
+#: What the database says about a row itself (unit gone, value refused), not about its health.
+ROW_REFUSED = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError)
 
 UPSERT_SQL = """
 INSERT INTO zaehler_rohdaten AS z (
@@ -68,11 +70,7 @@ class Persist:
             return []
         try:
             changed = await self._upsert(rows)
-        except (
-            asyncpg.ForeignKeyViolationError,
-            asyncpg.DataError,
-            asyncpg.IntegrityConstraintViolationError,
-        ):
+        except ROW_REFUSED:
             # One poison row must not fail its batch-mates: retry them one at a time.
             return await self._one_by_one(rows)
         return _persisted(rows, changed)
@@ -97,11 +95,7 @@ class Persist:
         for row in rows:
             try:
                 changed = await self._upsert([row])
-            except (
-                asyncpg.ForeignKeyViolationError,
-                asyncpg.DataError,
-                asyncpg.IntegrityConstraintViolationError,
-            ) as exc:
+            except ROW_REFUSED as exc:
                 log.warning(
                     "row refused by the database", einheit_id=row.einheit_id, error=str(exc)
                 )

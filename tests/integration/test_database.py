@@ -12,7 +12,7 @@ import pytest
 from pipeline.migrations import STEPS, migrate
 from schemas.messages import Persisted, Reading, Reject, RejectReason
 from stages.persist import Persist
-from stages.window_aggregate import WindowAggregate
+from stages.window_aggregate import AggregationRun, WindowAggregate
 
 ORG = uuid.UUID("550e8400-e29b-41d4-a716-446655440000")
 END = datetime(2025, 3, 30, 1, 15, tzinfo=UTC)  # a quarter hour on the spring DST day
@@ -108,10 +108,7 @@ async def test_poison_row_does_not_fail_its_batch_mates(pool) -> None:
 
 async def test_interval_closes_only_after_end_plus_grace(pool) -> None:
     await Persist(pool)([reading(END - timedelta(minutes=10), "1.0")])
-    assert (
-        await window(pool, END + timedelta(seconds=59)).sweep()
-        == type(await window(pool, END).sweep())()
-    )
+    assert await window(pool, END + timedelta(seconds=59)).sweep() == AggregationRun()
     assert await pool.fetchval("SELECT count(*) FROM messwerte") == 0
     run = await window(pool, END + timedelta(seconds=60)).sweep()
     assert (run.intervals, run.marked, run.changed) == (1, 1, 1)
