@@ -13,18 +13,19 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal, TypeVar
 
-import asyncpg
 import structlog
 
 from pipeline.bridge import MqttBridge
 from pipeline.broker import declare_streams, make_broker
 from pipeline.config import Settings, redact
+from pipeline.database import TimedPool, connect
 from pipeline.health import AggregationHealth, DatabaseHealth, Health, MqttHealth, Probe
 from pipeline.http import make_app, serve
 from pipeline.metrics import Metrics
 from pipeline.migrations import migrate
 from pipeline.publisher import OutboxPublisher
-from pipeline.runner import Abandoned, Backoff, ChainRunner, Step, first_of
+from pipeline.retry import Abandoned, Backoff, first_of
+from pipeline.runner import ChainRunner, Redelivery, Step
 from pipeline.topology import BY_NAME, CONSUMER_STAGES, STAGE_NAMES
 from stages.dedupe import Dedupe
 from stages.persist import Persist
@@ -104,7 +105,7 @@ class Pipeline:
         self.health.components["nats"] = Probe(
             lambda: nc.is_connected, lambda: {"servers": s.nats_servers}
         )
-        pool: asyncpg.Pool | None = None
+        pool: TimedPool | None = None
         tasks: list[asyncio.Task[Any]] = []
         http = None
         try:
@@ -114,8 +115,12 @@ class Pipeline:
                     await self._until_up("postgresql", lambda: migrate(s.database_url))
                 pool = await self._until_up(
                     "postgresql",
-                    lambda: asyncpg.create_pool(
-                        s.database_url, min_size=1, max_size=s.db_pool_size, command_timeout=30
+                    lambda: connect(
+                        s.database_url,
+                        size=s.db_pool_size,
+                        connect_s=s.db_connect_timeout_seconds,
+                        acquire_s=s.db_acquire_timeout_seconds,
+                        statement_s=s.db_statement_timeout_seconds,
                     ),
                 )
                 database = DatabaseHealth(pool)
@@ -160,7 +165,7 @@ class Pipeline:
             await broker.stop()
             log.info("pipeline stopped")
 
-    def _start(self, js: Any, pool: asyncpg.Pool | None) -> list[asyncio.Task[Any]]:
+    def _start(self, js: Any, pool: TimedPool | None) -> list[asyncio.Task[Any]]:
         s = self.settings
         tasks: list[asyncio.Task[Any]] = []
         if "mqtt_bridge" in self.stages:
@@ -181,7 +186,14 @@ class Pipeline:
         impls["dedupe"] = Dedupe()
         for group in chains(self.stages, self.mode):
             steps = [Step(BY_NAME[name], impls[name]) for name in group]
-            runner = ChainRunner(js, steps, self.metrics, self.stop, batch_size=s.batch_size)
+            runner = ChainRunner(
+                js,
+                steps,
+                self.metrics,
+                self.stop,
+                batch_size=s.batch_size,
+                redelivery=Redelivery(ack_wait_s=s.ack_wait_seconds, max_deliver=s.max_deliver),
+            )
             self.health.components[f"stage:{runner.name}"] = Probe(
                 lambda r=runner: r.healthy, lambda r=runner: {"last_error": r.last_error}
             )

@@ -21,7 +21,8 @@ from pipeline.codec import encode
 from pipeline.config import Settings
 from pipeline.health import MqttHealth
 from pipeline.metrics import Metrics
-from pipeline.runner import Abandoned, Backoff, JetStreamOut
+from pipeline.retry import Abandoned, Backoff
+from pipeline.runner import JetStreamOut
 from stages.mqtt_bridge import SUBSCRIPTION, ingest_subject, to_ingest
 
 log = structlog.get_logger("pipeline.bridge")
@@ -67,11 +68,14 @@ class MqttBridge:
             try:
                 await self._session()
                 backoff = Backoff(self._stop, first_s=0.2)
+            except Abandoned:
+                break
             except aiomqtt.MqttError as exc:
                 self.health.last_error = str(exc)
                 log.warning("MQTT connection lost, reconnecting", error=str(exc))
-            except Abandoned:
-                break
+            except Exception as exc:  # whatever breaks a session, the bridge must come back
+                self.health.last_error = repr(exc)
+                log.error("MQTT session failed, reconnecting", error=repr(exc))
             finally:
                 self.health.connected = self.health.subscribed = False
             if self._stop.is_set():

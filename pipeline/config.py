@@ -63,6 +63,19 @@ class Settings(BaseSettings):
         default=None, description="opt-in: /health/mqtt turns 503 after this long without a message"
     )
     db_pool_size: int = Field(default=8, gt=0)
+    db_connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    db_acquire_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="longest wait for a pooled connection"
+    )
+    db_statement_timeout_seconds: float = Field(default=30.0, gt=0)
+    ack_wait_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="JetStream redelivers a message a worker took and did not ack after this",
+    )
+    max_deliver: int = Field(
+        default=10, ge=2, description="deliveries before a message goes to dlq.max_deliveries"
+    )
 
     @field_validator("mqtt_url")
     @classmethod

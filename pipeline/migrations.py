@@ -108,11 +108,18 @@ RAW_SOURCE = """
 ALTER TABLE zaehler_rohdaten ADD COLUMN IF NOT EXISTS quelle VARCHAR(20) NOT NULL DEFAULT 'MQTT';
 """
 
+BROKER_ORDER = """
+-- The INGEST sequence of the reading a row holds. With empfangen_am it is the broker order
+-- persist compares, so a redelivery that arrives after a newer reading cannot overwrite it.
+ALTER TABLE zaehler_rohdaten ADD COLUMN IF NOT EXISTS ingest_seq BIGINT NOT NULL DEFAULT 0;
+"""
+
 #: Ordered steps; append, never edit a step that has shipped.
 STEPS: tuple[tuple[int, str, str], ...] = (
     (1, "contract tables of design §4", CONTRACT_SCHEMA),
     (2, "revision, interval function, outbox", PIPELINE_SCHEMA),
     (3, "source of each raw reading", RAW_SOURCE),
+    (4, "broker order of each raw reading", BROKER_ORDER),
 )
 
 

@@ -15,8 +15,10 @@ import asyncpg
 import structlog
 
 from pipeline.codec import encode
+from pipeline.database import TimedPool
 from pipeline.metrics import Metrics
-from pipeline.runner import Abandoned, Backoff, JetStreamOut, first_of
+from pipeline.retry import Abandoned, Backoff, first_of
+from pipeline.runner import JetStreamOut
 from stages import publish
 
 log = structlog.get_logger("pipeline.publisher")
@@ -27,7 +29,7 @@ CLAIM_LIMIT = 500
 
 class OutboxPublisher:
     def __init__(
-        self, pool: asyncpg.Pool, dsn: str, js: Any, metrics: Metrics, stop: asyncio.Event
+        self, pool: TimedPool, dsn: str, js: Any, metrics: Metrics, stop: asyncio.Event
     ) -> None:
         self._pool = pool
         self._dsn = dsn
@@ -83,7 +85,7 @@ class OutboxPublisher:
         while not self._stop.is_set():
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(self._dsn)
+                conn = await asyncpg.connect(self._dsn, timeout=5)
                 closed = asyncio.Event()
                 conn.add_termination_listener(lambda _, closed=closed: closed.set())
                 await conn.add_listener("messwerte_outbox", lambda *_: self._wake.set())

@@ -5,10 +5,20 @@ process and one consumer, handing messages on in memory, with JetStream only at 
 Either way the same stage callables run and the same rules hold (design §10):
 
 * a batch's input is acknowledged only after every output is stored (next subject or DB);
-* a stage that fails (database or NATS away) is retried with exponential backoff and jitter,
-  from the message where it failed, while the inputs are kept "in progress" so JetStream does
-  not redeliver them meanwhile; the fetch loop waits, so backpressure reaches the stream;
-* an input that cannot even be decoded is poison: it goes to `dlq.undecodable` at once.
+* a stage that fails with a transient error (database or NATS away, a timeout) is retried with
+  exponential backoff and jitter, from the message where it failed, for as long as it takes,
+  while the inputs are kept "in progress" so JetStream does not redeliver them meanwhile; the
+  fetch loop waits, so the batch in flight is the bounded retry queue and backpressure reaches
+  the stream;
+* a stage that fails on one message with any other error (poison) sends that message, and only
+  that one, to `dlq.stage_failed`; a batched stage is first retried message by message to find
+  it; an input that cannot even be decoded goes to `dlq.undecodable`;
+* an input JetStream has delivered several times already (its worker died with it in flight)
+  is processed on its own after the rest of its batch, so a message that kills its worker
+  cannot take its batch-mates with it; on its last allowed delivery (`max_deliver`) it goes to
+  `dlq.max_deliveries` unprocessed instead of killing the worker once more;
+* readings that came through a redelivery are marked, so `dedupe` does not let them, possibly
+  older than what was stored meanwhile, decide what counts as a repeat.
 """
 
 from __future__ import annotations
@@ -16,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,33 +35,37 @@ from typing import Any
 import nats.errors
 import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from pydantic import BaseModel
 
 from pipeline.codec import TOPIC_HEADER, decode, encode
 from pipeline.metrics import Metrics
+from pipeline.retry import Abandoned, Backoff, is_transient
 from pipeline.topology import Stage
 from schemas.messages import IngestMessage, Reject, RejectReason
 
 log = structlog.get_logger("pipeline.runner")
 
-ACK_WAIT_S = 30.0
-MAX_BACKOFF_S = 30.0
 LAG_SAMPLE_S = 5.0
+#: A consumer with messages waiting whose fetches come back empty this long is bound again.
+STALL_S = 15.0
+#: From this delivery on, a message is processed alone, after its batch-mates.
+SUSPECT_FROM_DELIVERY = 3
 
 StageFn = Callable[[Any], Any]
+Outbound = tuple[str, bytes, dict[str, str]]
 
 
-async def first_of(*events: asyncio.Event, timeout_s: float | None = None) -> None:
-    """Return when any of `events` is set, or after `timeout_s`."""
-    waiters = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
+@dataclass(frozen=True)
+class Redelivery:
+    """How JetStream redelivers what a worker took and never acknowledged."""
 
+    ack_wait_s: float = 10.0
+    max_deliver: int = 10
 
-class Abandoned(Exception):
-    """The worker is stopping; the batch stays unacknowledged and will be redelivered."""
+    def backoff_s(self) -> list[float]:
+        """Growing waits between redeliveries of one message (JetStream's `backoff`)."""
+        steps = [self.ack_wait_s * 2**i for i in range(4)]
+        return [min(step, 120.0) for step in steps][: max(self.max_deliver - 1, 0)]
 
 
 @dataclass(frozen=True)
@@ -65,25 +78,12 @@ class Step:
         return bool(getattr(self.fn, "batched", False))
 
 
-class Backoff:
-    """Exponential backoff with full jitter, capped; `wait` gives up when `stop` is set."""
+class _Poison(Exception):
+    """The stage failed on this input with an error a retry would not change."""
 
-    def __init__(
-        self, stop: asyncio.Event, first_s: float = 0.1, cap_s: float = MAX_BACKOFF_S
-    ) -> None:
-        self._stop = stop
-        self._first_s = first_s
-        self._cap_s = cap_s
-        self._next_s = first_s
-
-    async def wait(self) -> None:
-        delay = random.uniform(self._next_s / 2, self._next_s)
-        self._next_s = min(self._next_s * 2, self._cap_s)
-        try:
-            await asyncio.wait_for(self._stop.wait(), timeout=delay)
-        except TimeoutError:
-            return
-        raise Abandoned
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(repr(cause))
+        self.cause = cause
 
 
 def observe(metrics: Metrics, step: Step, n_in: int, outputs: Sequence[Any]) -> None:
@@ -95,14 +95,18 @@ def observe(metrics: Metrics, step: Step, n_in: int, outputs: Sequence[Any]) -> 
         kind = type(out).__name__.lower()
         counts[kind] = counts.get(kind, 0) + 1
         if isinstance(out, Reject):
-            metrics.mqtt_failed.inc()
-            metrics.rejects.labels(str(out.reason)).inc()
+            count_reject(metrics, out.reason)
     for kind, count in counts.items():
         metrics.stage_out.labels(name, kind).inc(count)
     if name == "validate":
         metrics.mqtt_processed.inc(counts.get("reading", 0))
     if not step.batched and n_in > len(outputs):
         metrics.stage_out.labels(name, "dropped").inc(n_in - len(outputs))
+
+
+def count_reject(metrics: Metrics, reason: RejectReason) -> None:
+    metrics.mqtt_failed.inc()
+    metrics.rejects.labels(str(reason)).inc()
 
 
 class JetStreamOut:
@@ -113,7 +117,7 @@ class JetStreamOut:
         self._stop = stop
         self._timeout_s = timeout_s
 
-    async def publish(self, outbound: Sequence[tuple[str, bytes, dict[str, str]]]) -> None:
+    async def publish(self, outbound: Sequence[Outbound]) -> None:
         if not outbound:
             return
         backoff = Backoff(self._stop)
@@ -141,6 +145,7 @@ class ChainRunner:
         stop: asyncio.Event,
         *,
         batch_size: int = 500,
+        redelivery: Redelivery | None = None,
     ) -> None:
         self._js = js
         self.steps = list(steps)
@@ -149,9 +154,13 @@ class ChainRunner:
         self._metrics = metrics
         self._stop = stop
         self._batch_size = batch_size
+        self._redelivery = redelivery or Redelivery()
         self._out = JetStreamOut(js, stop)
         self.healthy = False
         self.last_error: str | None = None
+        #: Since when fetches have come back empty (None while messages arrive).
+        self._idle_since: float | None = None
+        self._stalled = asyncio.Event()
         # Labelled series exist from start-up, so dashboards and alerts see zeros, not gaps.
         metrics.stage_batch_latency.labels(self.name)
         metrics.consumer_pending.labels(self.first.name)
@@ -159,56 +168,78 @@ class ChainRunner:
             metrics.retry_queue_depth.labels(step.spec.name)
             metrics.stage_in.labels(step.spec.name)
 
-    async def _subscribe(self) -> Any:
-        assert self.first.stream is not None
-        config = ConsumerConfig(
+    def consumer_config(self) -> ConsumerConfig:
+        r = self._redelivery
+        return ConsumerConfig(
             durable_name=self.first.name,
             filter_subject=self.first.reads,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
-            ack_wait=ACK_WAIT_S,
+            ack_wait=r.ack_wait_s,
+            max_deliver=r.max_deliver,
+            backoff=r.backoff_s() or None,
             max_ack_pending=max(10_000, self._batch_size * 4),
         )
-        await self._js.add_consumer(self.first.stream, config=config)
+
+    async def _subscribe(self) -> Any:
+        assert self.first.stream is not None
+        await self._js.add_consumer(self.first.stream, config=self.consumer_config())
         return await self._js.pull_subscribe_bind(durable=self.first.name, stream=self.first.stream)
 
-    async def run(self) -> None:
-        backoff = Backoff(self._stop)
+    async def _bind(self) -> Any | None:
+        """The pull subscription, once NATS lets us create it; None if stopped first."""
+        backoff = Backoff(self._stop, cap_s=10.0)
         while not self._stop.is_set():
             try:
-                sub = await self._subscribe()
-                break
+                return await self._subscribe()
             except Exception as exc:
                 self.last_error = repr(exc)
                 log.warning("consumer not ready, retrying", stage=self.name, error=repr(exc))
                 try:
                     await backoff.wait()
                 except Abandoned:
-                    return
-        else:
-            return
-        self.healthy = True
-        log.info("stage running", stage=self.name, subject=self.first.reads)
-        lag = asyncio.create_task(self._sample_lag(sub))
-        try:
-            await self._consume(sub)
-        finally:
-            lag.cancel()
-            self.healthy = False
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                    return None
+        return None
+
+    async def run(self) -> None:
+        while not self._stop.is_set():
+            sub = await self._bind()
+            if sub is None:
+                return
+            self.healthy = True
+            self._stalled.clear()
+            self._idle_since = None
+            log.info("stage running", stage=self.name, subject=self.first.reads)
+            lag = asyncio.create_task(self._sample_lag(sub))
+            try:
+                await self._consume(sub)
+            finally:
+                lag.cancel()
+                self.healthy = False
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            if self._stalled.is_set() and not self._stop.is_set():
+                log.warning("consumer stalled, binding it again", stage=self.name)
 
     async def _consume(self, sub: Any) -> None:
-        while not self._stop.is_set():
+        failures = Backoff(self._stop, first_s=0.2)
+        while not self._stop.is_set() and not self._stalled.is_set():
             try:
                 msgs = await sub.fetch(batch=self._batch_size, timeout=1.0)
             except (TimeoutError, nats.errors.TimeoutError):
+                if self._idle_since is None:
+                    self._idle_since = time.monotonic()
                 continue
             except Exception as exc:
                 self.last_error = repr(exc)
                 log.warning("fetch failed", stage=self.name, error=repr(exc))
-                await asyncio.sleep(0.5)
+                try:
+                    await failures.wait()
+                except Abandoned:
+                    return
                 continue
+            failures = Backoff(self._stop, first_s=0.2)
+            self._idle_since = None
             started = time.perf_counter()
             try:
                 await self.process(msgs)
@@ -220,16 +251,38 @@ class ChainRunner:
             )
 
     async def process(self, msgs: Sequence[Any]) -> None:
-        outbound: list[tuple[str, bytes, dict[str, str]]] = []
+        """One fetched batch; inputs delivered several times already go alone, after the rest."""
+        fresh = [m for m in msgs if _deliveries(m) < SUSPECT_FROM_DELIVERY]
+        suspects = [m for m in msgs if _deliveries(m) >= SUSPECT_FROM_DELIVERY]
+        if fresh:
+            await self._process(fresh)
+        for msg in suspects:
+            log.warning(
+                "message delivered repeatedly, processing it on its own",
+                stage=self.name,
+                deliveries=_deliveries(msg),
+                subject=msg.subject,
+            )
+            await self._process([msg])
+
+    async def _process(self, msgs: Sequence[Any]) -> None:
+        outbound: list[Outbound] = []
         current: list[Any] = []
         for msg in msgs:
+            deliveries = _deliveries(msg)
+            if deliveries >= self._redelivery.max_deliver:
+                detail = f"delivered {deliveries} times without being acknowledged"
+                outbound.append(self._raw_reject(msg, RejectReason.MAX_DELIVERIES, detail))
+                continue
             try:
-                current.append(decode(self.first.consumes, msg))
+                item: BaseModel = decode(self.first.consumes, msg)
             except Exception as exc:
-                outbound.append(_poison(self.first, msg, exc))
-                self._metrics.mqtt_failed.inc()
-                self._metrics.rejects.labels(str(RejectReason.UNDECODABLE)).inc()
-        heartbeat = asyncio.create_task(_keep_in_progress(msgs))
+                outbound.append(self._raw_reject(msg, RejectReason.UNDECODABLE, str(exc)))
+                continue
+            if deliveries > 1 and "redelivered" in type(item).model_fields:
+                item = item.model_copy(update={"redelivered": True})
+            current.append(item)
+        heartbeat = asyncio.create_task(self._keep_in_progress(msgs))
         try:
             for index, step in enumerate(self.steps):
                 following = (
@@ -250,39 +303,95 @@ class ChainRunner:
         finally:
             heartbeat.cancel()
         for msg in msgs:
-            await msg.ack()
+            try:
+                await msg.ack()
+            except Exception as exc:  # NATS away: redelivery follows, every effect is idempotent
+                log.warning("ack failed", stage=self.name, error=repr(exc))
 
     async def _call(self, step: Step, batch: list[Any]) -> list[Any]:
-        """Run one stage over the batch, retrying from the failing point until it succeeds."""
-        backoff = Backoff(self._stop)
-        outputs: list[Any] = []
-        position = 0
-        while True:
+        """Run one stage over the batch; a poison input becomes a reject of that input only."""
+        if not batch:
+            return []
+        if step.batched:
             try:
-                if step.batched:
-                    return list(await _resolve(step.fn(batch))) if batch else []
-                while position < len(batch):
-                    outputs.extend(await _resolve(step.fn(batch[position])))
-                    position += 1
-                return outputs
-            except Abandoned:
-                raise
-            except Exception as exc:
-                self.last_error = repr(exc)
-                self._metrics.retry_queue_depth.labels(step.spec.name).set(len(batch) - position)
-                log.warning("stage failed, retrying", stage=step.spec.name, error=repr(exc))
-                await backoff.wait()
-            finally:
-                self._metrics.retry_queue_depth.labels(step.spec.name).set(0)
+                return await self._retrying(step, batch, len(batch))
+            except _Poison as poison:
+                if len(batch) == 1:
+                    return [_stage_reject(step.spec.name, batch[0], poison.cause)]
+                log.warning("batch failed, retrying its messages one by one", stage=step.spec.name)
+        outputs: list[Any] = []
+        for position, item in enumerate(batch):
+            try:
+                arg = [item] if step.batched else item
+                outputs.extend(await self._retrying(step, arg, len(batch) - position))
+            except _Poison as poison:
+                outputs.append(_stage_reject(step.spec.name, item, poison.cause))
+        return outputs
+
+    async def _retrying(self, step: Step, arg: Any, held: int) -> list[Any]:
+        """Call the stage until it succeeds; wait out transient errors, raise `_Poison` else."""
+        backoff = Backoff(self._stop)
+        depth = self._metrics.retry_queue_depth.labels(step.spec.name)
+        try:
+            while True:
+                try:
+                    result = list(await _resolve(step.fn(arg)))
+                    if backoff.attempts:
+                        log.info("stage recovered", stage=step.spec.name, retries=backoff.attempts)
+                        self.healthy = True
+                    return result
+                except Abandoned:
+                    raise
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise _Poison(exc) from exc
+                    self.last_error = repr(exc)
+                    self.healthy = False
+                    depth.set(held)
+                    log.warning("stage failed, retrying", stage=step.spec.name, error=repr(exc))
+                    await backoff.wait()
+        finally:
+            depth.set(0)
+
+    def _raw_reject(self, msg: Any, reason: RejectReason, detail: str) -> Outbound:
+        """A received message the chain will not process, as it arrived, to `dlq.{reason}`."""
+        headers = msg.headers or {}
+        original = IngestMessage(
+            topic=headers.get(TOPIC_HEADER, msg.subject),
+            payload=msg.data,
+            received_at=datetime.now(UTC),
+            ingest_seq=_stream_seq(msg),
+        )
+        reject = Reject.of(original, reason, f"{self.first.name}: {detail}", self.first.name)
+        log.warning("message sent to the DLQ", stage=self.first.name, reason=str(reason))
+        count_reject(self._metrics, reason)
+        body, hdrs = encode(reject)
+        return f"dlq.{reject.reason}", body, hdrs
+
+    async def _keep_in_progress(self, msgs: Sequence[Any]) -> None:
+        """Tell JetStream the batch is still being worked on, so it is not redelivered meanwhile."""
+        while True:
+            await asyncio.sleep(self._redelivery.ack_wait_s / 3)
+            for msg in msgs:
+                try:
+                    await msg.in_progress()
+                except Exception as exc:
+                    log.debug("in-progress signal failed", error=repr(exc))
 
     async def _sample_lag(self, sub: Any) -> None:
+        """Sample the lag; flag a stall when messages wait but none arrive for `STALL_S`."""
         while True:
+            await asyncio.sleep(LAG_SAMPLE_S)
             try:
                 info = await sub.consumer_info()
-                self._metrics.consumer_pending.labels(self.first.name).set(info.num_pending or 0)
             except Exception as exc:
                 log.debug("consumer info unavailable", stage=self.name, error=repr(exc))
-            await asyncio.sleep(LAG_SAMPLE_S)
+                continue
+            pending = info.num_pending or 0
+            self._metrics.consumer_pending.labels(self.first.name).set(pending)
+            idle = self._idle_since
+            if pending and idle is not None and time.monotonic() - idle > STALL_S:
+                self._stalled.set()
 
 
 async def _resolve(result: Any) -> Sequence[Any]:
@@ -291,30 +400,32 @@ async def _resolve(result: Any) -> Sequence[Any]:
     return result  # type: ignore[no-any-return]
 
 
-async def _keep_in_progress(msgs: Sequence[Any]) -> None:
-    """Tell JetStream the batch is still being worked on, so it is not redelivered meanwhile."""
-    while True:
-        await asyncio.sleep(ACK_WAIT_S / 3)
-        for msg in msgs:
-            try:
-                await msg.in_progress()
-            except Exception as exc:
-                log.debug("in-progress signal failed", error=repr(exc))
-
-
-def _poison(stage: Stage, msg: Any, exc: Exception) -> tuple[str, bytes, dict[str, str]]:
-    headers = msg.headers or {}
+def _deliveries(msg: Any) -> int:
     try:
-        seq = int(msg.metadata.sequence.stream)
+        return int(msg.metadata.num_delivered)
     except Exception:
-        seq = 0
-    original = IngestMessage(
-        topic=headers.get(TOPIC_HEADER, msg.subject),
-        payload=msg.data,
-        received_at=datetime.now(UTC),
-        ingest_seq=seq,
-    )
-    reject = Reject.of(original, RejectReason.UNDECODABLE, f"{stage.name}: {exc}", stage.name)
-    log.warning("undecodable message sent to the DLQ", stage=stage.name, error=str(exc))
-    body, hdrs = encode(reject)
-    return f"dlq.{reject.reason}", body, hdrs
+        return 1
+
+
+def _stream_seq(msg: Any) -> int:
+    try:
+        return int(msg.metadata.sequence.stream)
+    except Exception:
+        return 0
+
+
+def _stage_reject(stage: str, item: Any, exc: BaseException) -> Reject:
+    """A message a stage failed on, with what it was, for `dlq.stage_failed`."""
+    if isinstance(item, IngestMessage):
+        original = item
+    else:
+        org, unit = getattr(item, "organization_id", None), getattr(item, "einheit_id", None)
+        payload = item.model_dump_json() if isinstance(item, BaseModel) else repr(item)
+        original = IngestMessage(
+            topic=f"zev/{org}/{unit}/messwert" if org and unit else stage,
+            payload=payload.encode(),
+            received_at=getattr(item, "received_at", None) or datetime.now(UTC),
+            ingest_seq=getattr(item, "ingest_seq", 0),
+        )
+    log.error("stage failed on a message, sent to the DLQ", stage=stage, error=repr(exc))
+    return Reject.of(original, RejectReason.STAGE_FAILED, f"{stage} failed: {exc!r}", stage)

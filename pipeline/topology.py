@@ -65,7 +65,8 @@ Route = Callable[[Any], str]
 @dataclass(frozen=True)
 class Stage:
     """One stage: what it consumes (a subject of a stream, or another source) and where each
-    kind of output it returns goes. Outputs of a kind with no route are effects (DB) only."""
+    kind of output it returns goes. Outputs of a kind with no route are effects (DB) only.
+    Every consumer stage may reject: undecodable or poison input goes to `dlq.{reason}`."""
 
     name: str
     reads: str
@@ -82,10 +83,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("validate",         "ingest.>",               "INGEST",    IngestMessage,
           {Reading: lambda m: f"valid.{m.organization_id}.{m.einheit_id}", Reject: _dlq}),
     Stage("dedupe",           "valid.>",                "VALID",     Reading,
-          {Reading: lambda m: f"unique.{m.organization_id}.{m.einheit_id}"}),
+          {Reading: lambda m: f"unique.{m.organization_id}.{m.einheit_id}", Reject: _dlq}),
     Stage("persist",          "unique.>",               "UNIQUE",    Reading,
           {Persisted: lambda m: f"persisted.{m.organization_id}.{m.einheit_id}", Reject: _dlq}),
-    Stage("window_aggregate", "persisted.>",            "PERSISTED", Persisted),  # -> DB outbox
+    Stage("window_aggregate", "persisted.>",            "PERSISTED", Persisted,   # -> DB outbox
+          {Reject: _dlq}),
     Stage("publish",          "db:messwerte_outbox",    None,        MesswertMessage,
           {MesswertMessage: lambda m: m.subject}),
 )

@@ -39,6 +39,10 @@ class RejectReason(StrEnum):
     ORGANIZATION_MISMATCH = "organization_mismatch"
     UNDECODABLE = "undecodable"
     PERSIST_FAILED = "persist_failed"
+    #: A stage raised on this message with an error that is not transient (poison).
+    STAGE_FAILED = "stage_failed"
+    #: Delivered `max_deliver` times without being acknowledged: it keeps killing its worker.
+    MAX_DELIVERIES = "max_deliveries"
 
 
 class IngestMessage(BaseModel):
@@ -54,6 +58,9 @@ class IngestMessage(BaseModel):
         default=None, description="original size when the payload was cut for being too large"
     )
     quelle: str = Field(default="MQTT", description="source: 'MQTT', or 'CSV' for imports")
+    redelivered: bool = Field(
+        default=False, description="delivered before: may arrive after newer messages"
+    )
 
 
 def internal_msg_id(einheit_id: int, timestamp: datetime, content_hash: str, seq: int) -> str:
@@ -76,11 +83,24 @@ class Reading(BaseModel):
     received_at: datetime
     ingest_seq: int = 0
     quelle: str = "MQTT"
+    #: Came through a JetStream redelivery somewhere upstream, so it may be older than
+    #: readings already seen: it must not move the state of `dedupe` (see there).
+    redelivered: bool = False
 
     @property
     def key(self) -> tuple[int, datetime]:
         """The row key in `zaehler_rohdaten`: one reading per unit and instant."""
         return (self.einheit_id, self.timestamp)
+
+    @property
+    def order(self) -> tuple[datetime, int]:
+        """Broker order: when the bridge received it, then its INGEST sequence.
+
+        Redeliveries after a crash come later than newer messages; comparing this decides
+        which reading of a key is the last one written (the receive time first, so that a
+        recreated INGEST stream, whose sequence starts again at 1, still orders correctly).
+        """
+        return (self.received_at, self.ingest_seq)
 
     @cached_property
     def content_hash(self) -> str:

@@ -1,8 +1,18 @@
 """dedupe: drop exact repeats of a reading; pass a changed reading for the same key as an update.
 
-State is the content hash of the last reading seen per (unit, timestamp), in a bounded LRU.
-A redelivery of the very message that set the state (same `ingest_seq`) passes again: its
-first pass may not have reached the next subject, and downstream effects are idempotent.
+State is, per (unit, timestamp), the content hash and broker order of the newest reading seen,
+in a bounded LRU. A reading is dropped only when it is newer than that state and has the same
+content: then the row already holds what it would write. Everything else passes on, and
+persist's upsert, which applies a reading only if it is newer than the row, decides:
+
+* a reading older than the state (a redelivery that arrives after newer messages, after a
+  crash) passes without touching the state;
+* a reading that came through a JetStream redelivery never sets the state, because after a
+  restart the LRU is empty and such a reading may be older than what the row holds: were it
+  to set the state, a later genuine repeat of its (stale) value would be dropped and lost;
+* the very message that set the state (same order) passes again: its first pass may not
+  have reached the next subject, and downstream effects are idempotent.
+
 Repeats the LRU has forgotten are caught by persist's upsert, which ignores unchanged rows.
 """
 
@@ -21,16 +31,22 @@ class Dedupe:
     """Stage `dedupe`: `Reading` -> the same `Reading`, or nothing for an exact repeat."""
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
-        self._last: LRUCache[tuple[int, datetime], tuple[str, int]] = LRUCache(maxsize=capacity)
+        self._last: LRUCache[tuple[int, datetime], tuple[str, tuple[datetime, int]]] = LRUCache(
+            maxsize=capacity
+        )
         self.duplicates = 0
 
     def __call__(self, reading: Reading) -> list[Reading]:
+        if reading.redelivered:
+            return [reading]
         key = reading.key
         seen = self._last.get(key)
-        digest = reading.content_hash
-        redelivery = seen is not None and reading.ingest_seq != 0 and seen[1] == reading.ingest_seq
-        if seen is not None and seen[0] == digest and not redelivery:
+        digest, order = reading.content_hash, reading.order
+        if seen is not None and order <= seen[1]:
+            return [reading]  # the same message again, or an older one: persist decides
+        if seen is not None and seen[0] == digest:
             self.duplicates += 1
+            self._last[key] = (digest, order)
             return []
-        self._last[key] = (digest, reading.ingest_seq)
+        self._last[key] = (digest, order)
         return [reading]

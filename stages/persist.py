@@ -2,9 +2,12 @@
 
 One statement per batch (`INSERT … SELECT FROM unnest(…) ON CONFLICT DO UPDATE`). PostgreSQL
 refuses to touch one row twice in a statement, so the batch is first collapsed per key,
-keeping the later reading (broker order: last write wins). A row whose values change is reset
-to `verarbeitet = FALSE` so its interval is summed again; an unchanged repeat is a no-op and
-yields nothing. Rows are written in key order so concurrent writers lock them in one order.
+keeping the reading latest in broker order. The last write wins by broker order, not by
+arrival: a row is only overwritten by a reading that is newer (receive time, then INGEST
+sequence) than the one it holds, so a redelivery that arrives after a newer reading, after a
+crash, changes nothing. A row whose values change is reset to `verarbeitet = FALSE` so its
+interval is summed again; an unchanged repeat is a no-op and yields nothing. Rows are written
+in key order so concurrent writers lock them in one order.
 """
 
 from __future__ import annotations
@@ -24,35 +27,48 @@ STAGE = "persist"
 #: What the database says about a row itself (unit gone, value refused), not about its health.
 ROW_REFUSED = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError)
 
-UPSERT_SQL = """
-INSERT INTO zaehler_rohdaten AS z (
-    einheit_id, organization_id, timestamp, verbrauch, einspeisung,
-    zaehlerstand_verbrauch, zaehlerstand_einspeisung, empfangen_am, quelle)
-SELECT * FROM unnest(
-    $1::bigint[], $2::uuid[], $3::timestamptz[], $4::numeric[], $5::numeric[],
-    $6::numeric[], $7::numeric[], $8::timestamptz[], $9::varchar[])
-ON CONFLICT (einheit_id, timestamp) DO UPDATE SET
-    organization_id = EXCLUDED.organization_id,
-    verbrauch = EXCLUDED.verbrauch,
-    einspeisung = EXCLUDED.einspeisung,
-    zaehlerstand_verbrauch = EXCLUDED.zaehlerstand_verbrauch,
-    zaehlerstand_einspeisung = EXCLUDED.zaehlerstand_einspeisung,
-    empfangen_am = EXCLUDED.empfangen_am,
-    quelle = EXCLUDED.quelle,
-    verarbeitet = FALSE,
-    verarbeitet_am = NULL
-WHERE (z.verbrauch, z.einspeisung, z.zaehlerstand_verbrauch, z.zaehlerstand_einspeisung)
+_CHANGED = """(z.verbrauch, z.einspeisung, z.zaehlerstand_verbrauch, z.zaehlerstand_einspeisung)
     IS DISTINCT FROM (EXCLUDED.verbrauch, EXCLUDED.einspeisung,
-                      EXCLUDED.zaehlerstand_verbrauch, EXCLUDED.zaehlerstand_einspeisung)
-RETURNING einheit_id, timestamp
+                      EXCLUDED.zaehlerstand_verbrauch, EXCLUDED.zaehlerstand_einspeisung)"""
+
+# A newer reading always moves the row's order forward, also when its values are the same:
+# otherwise an older, different reading redelivered after it would still count as newer.
+# Only a change of values resets `verarbeitet` (and takes over the source), so only changed
+# or new rows come back as not yet processed.
+UPSERT_SQL = f"""
+WITH upserted AS (
+    INSERT INTO zaehler_rohdaten AS z (
+        einheit_id, organization_id, timestamp, verbrauch, einspeisung,
+        zaehlerstand_verbrauch, zaehlerstand_einspeisung, empfangen_am, quelle, ingest_seq)
+    SELECT * FROM unnest(
+        $1::bigint[], $2::uuid[], $3::timestamptz[], $4::numeric[], $5::numeric[],
+        $6::numeric[], $7::numeric[], $8::timestamptz[], $9::varchar[], $10::bigint[])
+    ON CONFLICT (einheit_id, timestamp) DO UPDATE SET
+        organization_id = EXCLUDED.organization_id,
+        verbrauch = EXCLUDED.verbrauch,
+        einspeisung = EXCLUDED.einspeisung,
+        zaehlerstand_verbrauch = EXCLUDED.zaehlerstand_verbrauch,
+        zaehlerstand_einspeisung = EXCLUDED.zaehlerstand_einspeisung,
+        empfangen_am = EXCLUDED.empfangen_am,
+        ingest_seq = EXCLUDED.ingest_seq,
+        quelle = CASE WHEN {_CHANGED} THEN EXCLUDED.quelle ELSE z.quelle END,
+        verarbeitet = CASE WHEN {_CHANGED} THEN FALSE ELSE z.verarbeitet END,
+        verarbeitet_am = CASE WHEN {_CHANGED} THEN NULL ELSE z.verarbeitet_am END
+    WHERE (EXCLUDED.empfangen_am, EXCLUDED.ingest_seq)
+        > (coalesce(z.empfangen_am, '-infinity'::timestamptz), z.ingest_seq)
+    RETURNING z.einheit_id, z.timestamp, z.verarbeitet
+)
+SELECT einheit_id, timestamp FROM upserted WHERE verarbeitet IS NOT TRUE
 """
 
 
 def collapse(batch: Sequence[Reading]) -> list[Reading]:
-    """One reading per key, the later one winning, in key order."""
+    """One reading per key, the latest in broker order winning, in key order."""
     latest: dict[tuple[int, datetime], Reading] = {}
     for reading in batch:
-        latest[reading.key] = reading
+        held = latest.get(reading.key)
+        if held is None or reading.order >= held.order:
+            latest[reading.key] = reading
     return [latest[key] for key in sorted(latest)]
 
 
@@ -87,6 +103,7 @@ class Persist:
             [r.zaehlerstand_einspeisung for r in rows],
             [r.received_at for r in rows],
             [r.quelle for r in rows],
+            [r.ingest_seq for r in rows],
         )
         return {(rec["einheit_id"], rec["timestamp"]) for rec in result}
 

@@ -266,6 +266,7 @@ class Validate:
             received_at=msg.received_at,
             ingest_seq=msg.ingest_seq,
             quelle=msg.quelle,
+            redelivered=msg.redelivered,
         )
 
     @staticmethod
