@@ -58,7 +58,7 @@ async def connect(
 ) -> TimedPool:
     pool = await asyncpg.create_pool(
         dsn,
-        min_size=1,
+        min_size=0,  # no background reconnects (and their log noise) while the database is away
         max_size=size,
         timeout=connect_s,
         command_timeout=statement_s,

@@ -54,7 +54,10 @@ _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") el
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: have the kernel send SIGTERM to the child if we die, even by SIGKILL."""
+    """Linux: have the kernel send SIGTERM to the child if we die, even by SIGKILL.
+
+    The kernel ties this to the *thread* that started the child: start servers from a thread
+    that lives as long as they should (not from a short-lived executor thread)."""
     if _libc is not None:
         _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 

@@ -4,7 +4,9 @@ A stage error is either *transient* (the database, NATS or the network is away, 
 lock conflict: the same input will succeed later, so it is retried with backoff for as long as
 it takes, its input held in progress) or *poison* (this input makes the stage raise, and would
 on every retry: it goes to the DLQ so the messages behind it are not held up). `is_transient`
-draws that line; anything it does not know is treated as poison of the one message that raised.
+draws that line. An error it does not know counts as poison only once the same message has
+failed with it `POISON_AFTER_FAILURES` times in a row, so that an odd error thrown while a
+connection breaks cannot send a good message to the DLQ.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import asyncpg
 import nats.errors
 
 MAX_BACKOFF_S = 5.0
+#: Consecutive non-transient failures of one message before it is declared poison.
+POISON_AFTER_FAILURES = 3
 
 #: Errors that say "not now" rather than "not this message". Every PostgreSQL error that is not
 #: about the data counts too (see `is_transient`).
@@ -23,6 +27,7 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     OSError,  # includes ConnectionError and refused or reset sockets
     TimeoutError,
     asyncpg.InterfaceError,  # connection closed, pool closing
+    asyncpg.InternalClientError,  # the client's state after a connection broke mid-call
     nats.errors.Error,
 )
 

@@ -39,7 +39,7 @@ from pydantic import BaseModel
 
 from pipeline.codec import TOPIC_HEADER, decode, encode
 from pipeline.metrics import Metrics
-from pipeline.retry import Abandoned, Backoff, is_transient
+from pipeline.retry import POISON_AFTER_FAILURES, Abandoned, Backoff, is_transient
 from pipeline.topology import Stage
 from schemas.messages import IngestMessage, Reject, RejectReason
 
@@ -314,7 +314,7 @@ class ChainRunner:
             return []
         if step.batched:
             try:
-                return await self._retrying(step, batch, len(batch))
+                return await self._retrying(step, batch, len(batch), alone=len(batch) == 1)
             except _Poison as poison:
                 if len(batch) == 1:
                     return [_stage_reject(step.spec.name, batch[0], poison.cause)]
@@ -323,14 +323,17 @@ class ChainRunner:
         for position, item in enumerate(batch):
             try:
                 arg = [item] if step.batched else item
-                outputs.extend(await self._retrying(step, arg, len(batch) - position))
+                outputs.extend(await self._retrying(step, arg, len(batch) - position, alone=True))
             except _Poison as poison:
                 outputs.append(_stage_reject(step.spec.name, item, poison.cause))
         return outputs
 
-    async def _retrying(self, step: Step, arg: Any, held: int) -> list[Any]:
-        """Call the stage until it succeeds; wait out transient errors, raise `_Poison` else."""
+    async def _retrying(self, step: Step, arg: Any, held: int, *, alone: bool) -> list[Any]:
+        """Call the stage until it succeeds; wait out transient errors. Raise `_Poison` when a
+        call over several messages fails otherwise (to look at them one by one), or a call over
+        one message fails otherwise `POISON_AFTER_FAILURES` times in a row."""
         backoff = Backoff(self._stop)
+        failures = 0  # consecutive non-transient ones
         depth = self._metrics.retry_queue_depth.labels(step.spec.name)
         try:
             while True:
@@ -344,7 +347,11 @@ class ChainRunner:
                     raise
                 except Exception as exc:
                     if not is_transient(exc):
-                        raise _Poison(exc) from exc
+                        failures += 1
+                        if failures >= POISON_AFTER_FAILURES or not alone:
+                            raise _Poison(exc) from exc
+                    else:
+                        failures = 0
                     self.last_error = repr(exc)
                     self.healthy = False
                     depth.set(held)

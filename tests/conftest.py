@@ -56,9 +56,11 @@ async def database(postgres_server: Postgres) -> AsyncIterator[str]:
     name = f"t_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(postgres_server.dsn)
     await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
     dsn = postgres_server.dsn_for(name)
     await migrate(dsn)
     yield dsn
+    admin = await asyncpg.connect(postgres_server.dsn)  # anew: a fault test may restart the server
     await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
     await admin.close()
 

@@ -104,9 +104,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         "| duplicates published | settled after |"
     )
     write("|---|---:|---:|---:|---:|---:|")
-    for scenario, sent, f, seconds in REPORT:
+    for name, sent, f, seconds in REPORT:
         write(
-            f"| {scenario} | {sent} | {f.readings_lost + f.readings_extra} "
+            f"| {name} | {sent} | {f.readings_lost + f.readings_extra} "
             f"| {f.intervals_wrong_db} / {f.intervals_wrong_stream} "
             f"| {f.duplicates_published} | {seconds:.1f} s |"
         )

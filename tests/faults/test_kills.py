@@ -56,7 +56,6 @@ async def mid_batch(stack: Stack, stage: str, worker: Worker) -> AsyncIterator[W
         return
     table = "messwerte" if stage == "window_aggregate" else "zaehler_rohdaten"
     async with table_locked(stack.dsn, table) as holder:
-
         consumer = {"persist": ("UNIQUE", "persist"), "persist_fused": ("INGEST", "validate")}
 
         async def blocked() -> bool:
