@@ -10,7 +10,6 @@ import pytest
 from tests.faults.conftest import Stack
 from tests.faults.harness import Fault, Workers
 
-
 # Servers are stopped and started on the test's own thread, blocking it for a moment: a server
 # started from an executor thread would die with that thread (see devstack's PDEATHSIG).
 
