@@ -45,8 +45,8 @@ def _parse_timestamp(value: Any) -> datetime:
     if match is None:
         raise PydanticCustomError(
             "invalid_timestamp",
-            "timestamp {value!r} is not ISO 8601 with a UTC offset",
-            {"value": value[:64]},
+            "timestamp {value} is not ISO 8601 with a UTC offset",
+            {"value": repr(value[:64])},
         )
     text = text.replace(",", ".")
     if "." in text:
@@ -60,8 +60,8 @@ def _parse_timestamp(value: Any) -> datetime:
     except ValueError as exc:
         raise PydanticCustomError(
             "invalid_timestamp",
-            "timestamp {value!r} is not a valid date: {error}",
-            {"value": value[:64], "error": str(exc)},
+            "timestamp {value} is not a valid date: {error}",
+            {"value": repr(value[:64]), "error": str(exc)},
         ) from None
     if parsed.tzinfo is None:  # pragma: no cover - the regex requires an offset
         raise PydanticCustomError("invalid_timestamp", "timestamp has no UTC offset")
@@ -69,7 +69,7 @@ def _parse_timestamp(value: Any) -> datetime:
         interval_end(parsed)  # in UTC, and with its quarter hour, still a representable date
     except OverflowError:
         raise PydanticCustomError(
-            "invalid_timestamp", "timestamp {value!r} is out of range", {"value": value[:64]}
+            "invalid_timestamp", "timestamp {value} is out of range", {"value": repr(value[:64])}
         ) from None
     return parsed
 

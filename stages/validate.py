@@ -132,6 +132,15 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def _is_unicode(data: Any) -> bool:
+    """False when a string escape left a lone surrogate, which no UTF-8 text can hold."""
+    try:
+        json.dumps(data, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_payload(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> MesswertPayload:
     """Decode and validate a payload; raises `_Refused` with the reason of the first problem."""
     if len(payload) > max_bytes:
@@ -159,6 +168,8 @@ def parse_payload(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) ->
         ) from None
     except RecursionError:
         raise _Refused(RejectReason.INVALID_JSON, "payload is nested too deeply") from None
+    if "\\u" in text.lower() and not _is_unicode(data):
+        raise _Refused(RejectReason.INVALID_JSON, "payload has a lone surrogate escape (\\ud800…)")
     if not isinstance(data, dict):
         raise _Refused(
             RejectReason.NOT_AN_OBJECT, f"payload is a JSON {type(data).__name__}, not an object"
