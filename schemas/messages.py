@@ -175,7 +175,12 @@ class Reject(BaseModel):
 
     @property
     def msg_id(self) -> str:
-        return f"dlq:{self.stage}:{self.ingest_seq}:{self.reason}"
+        """The same refused message twice (a redelivery) is one DLQ entry; two different ones
+        are two, even where they carry no INGEST sequence."""
+        content = hashlib.blake2b(
+            f"{self.topic}\n{self.payload}".encode(errors="surrogatepass"), digest_size=8
+        ).hexdigest()
+        return f"dlq:{self.stage}:{self.ingest_seq}:{self.reason}:{content}"
 
 
 def interval_end(ts: datetime) -> datetime:

@@ -37,7 +37,7 @@ ORGS = (
     uuid.UUID("550e8400-e29b-41d4-a716-446655440000"),
     uuid.UUID("6ba7b810-9dad-11d1-80b4-00c04fd430c8"),
 )
-UNITS = {unit: ORGS[unit % 2] for unit in range(1, 21)}
+UNITS = {unit: ORGS[(unit - 1) % 2] for unit in range(1, 21)}  # as in tests/corpus
 
 Reading = tuple[int, datetime, str, str]
 BY_STREAM = {stream.name: stream for stream in STREAMS}
