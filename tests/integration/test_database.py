@@ -26,14 +26,16 @@ async def pool(database: str):
     await pool.close()
 
 
-def reading(at: datetime, verbrauch: str, unit: int = 1, seq: int = 1) -> Reading:
+def reading(
+    at: datetime, verbrauch: str, unit: int = 1, seq: int = 1, received: datetime | None = None
+) -> Reading:
     return Reading(
         organization_id=ORG,
         einheit_id=unit,
         timestamp=at,
         verbrauch=Decimal(verbrauch),
         einspeisung=Decimal("0.1"),
-        received_at=at,
+        received_at=received or at,
         ingest_seq=seq,
     )
 
@@ -221,3 +223,45 @@ async def test_overflowing_interval_is_retried_once_a_row_of_it_changes(pool) ->
     aggregate([p for p in await persist([reading(at, "2", seq=2)]) if isinstance(p, Persisted)])
     assert (await aggregate.sweep()).intervals == 1
     assert await pool.fetchval("SELECT verbrauch FROM messwerte") == Decimal("3.0000")
+
+
+async def stored(pool, at: datetime) -> Decimal:
+    return await pool.fetchval(  # type: ignore[no-any-return]
+        "SELECT verbrauch FROM zaehler_rohdaten WHERE einheit_id = 1 AND timestamp = $1", at
+    )
+
+
+async def test_redelivery_arriving_after_a_newer_reading_does_not_overwrite_it(pool) -> None:
+    """After a crash JetStream redelivers the old batch behind newer messages."""
+    at = END - timedelta(minutes=5)
+    persist = Persist(pool)
+    await persist([reading(at, "1.0", seq=10)])
+    await persist([reading(at, "2.0", seq=20)])  # the correction, applied first after a restart
+    assert await persist([reading(at, "1.0", seq=10)]) == []  # the redelivered original
+    assert await stored(pool, at) == Decimal("2.0000")
+
+
+async def test_a_newer_repeat_of_the_stored_value_still_moves_the_row_forward(pool) -> None:
+    """1.0 (seq 10), 2.0 (seq 20), 1.0 again (seq 30): the last one wins even if 2.0 is
+    redelivered after it."""
+    at = END - timedelta(minutes=5)
+    persist = Persist(pool)
+    await persist([reading(at, "1.0", seq=10)])
+    await persist([reading(at, "1.0", seq=30)])
+    await persist([reading(at, "2.0", seq=20)])
+    assert await stored(pool, at) == Decimal("1.0000")
+
+
+async def test_a_later_receive_time_wins_over_a_higher_sequence(pool) -> None:
+    """A recreated INGEST stream starts its sequence at 1 again; newer readings must still win."""
+    at = END - timedelta(minutes=5)
+    persist = Persist(pool)
+    await persist([reading(at, "1.0", seq=5000, received=at)])
+    await persist([reading(at, "2.0", seq=1, received=at + timedelta(days=1))])
+    assert await stored(pool, at) == Decimal("2.0000")
+
+
+async def test_a_batch_keeps_the_reading_latest_in_broker_order_not_the_last_fetched(pool) -> None:
+    at = END - timedelta(minutes=5)
+    await Persist(pool)([reading(at, "2.0", seq=20), reading(at, "1.0", seq=10)])
+    assert await stored(pool, at) == Decimal("2.0000")

@@ -14,7 +14,9 @@ ORG = uuid.uuid4()
 T = datetime(2025, 1, 1, 14, 5, tzinfo=UTC)
 
 
-def reading(seq: int, verbrauch: str = "1.5", unit: int = 1, at: datetime = T) -> Reading:
+def reading(
+    seq: int, verbrauch: str = "1.5", unit: int = 1, at: datetime = T, redelivered: bool = False
+) -> Reading:
     return Reading(
         organization_id=ORG,
         einheit_id=unit,
@@ -23,6 +25,7 @@ def reading(seq: int, verbrauch: str = "1.5", unit: int = 1, at: datetime = T) -
         einspeisung=Decimal("0"),
         received_at=T,
         ingest_seq=seq,
+        redelivered=redelivered,
     )
 
 
@@ -64,6 +67,27 @@ def test_other_units_and_timestamps_are_independent() -> None:
     dedupe(reading(1))
     assert dedupe(reading(2, unit=2)) != []
     assert dedupe(reading(3, at=T.replace(minute=6))) != []
+
+
+def test_an_older_reading_after_a_newer_one_passes_and_leaves_the_state() -> None:
+    """Persist decides (it keeps the newer); the repeat of the newer is still recognised."""
+    dedupe = Dedupe()
+    dedupe(reading(20, "2.0"))
+    assert dedupe(reading(10, "1.0")) == [reading(10, "1.0")]
+    assert dedupe(reading(30, "2.0")) == []
+
+
+def test_a_redelivered_reading_passes_without_setting_the_state() -> None:
+    """After a restart it may be older than the row; a later genuine repeat of its value must
+    not be dropped as a duplicate of it."""
+    dedupe = Dedupe()
+    assert dedupe(reading(10, "1.0", redelivered=True)) == [reading(10, "1.0", redelivered=True)]
+    assert dedupe(reading(30, "1.0")) == [reading(30, "1.0")]
+
+
+def test_collapse_keeps_the_reading_latest_in_broker_order() -> None:
+    batch = [reading(5, "2.0"), reading(3, "1.0")]  # a redelivery of 3 fetched after 5
+    assert [r.verbrauch for r in collapse(batch)] == [Decimal("2.0")]
 
 
 def test_collapse_keeps_the_later_reading_of_a_key() -> None:
