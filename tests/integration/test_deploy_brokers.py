@@ -1,0 +1,89 @@
+"""The broker and NATS configurations shipped in deploy/: valid, durable, and sized as their
+comments say (a 10-minute pipeline outage at 1,000 msg/s loses nothing)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import uuid
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from pipeline.devstack import Mosquitto, mosquitto_binary, nats_server_binary
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+NATS_CONF = DEPLOY / "nats" / "nats.conf"
+MOSQUITTO_CONF = DEPLOY / "mosquitto" / "mosquitto.conf"
+OUTAGE_MESSAGES = 10 * 60 * 1000
+#: A meter payload and what mosquitto keeps per queued message besides, generously.
+BYTES_PER_QUEUED_MESSAGE = 400
+
+
+def mosquitto_settings() -> dict[str, str]:
+    settings = {}
+    for line in MOSQUITTO_CONF.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            key, _, value = line.partition(" ")
+            settings[key] = value.strip()
+    return settings
+
+
+def test_shipped_nats_config_is_valid_and_syncs_every_write() -> None:
+    check = subprocess.run(
+        [nats_server_binary(), "-c", str(NATS_CONF), "-t"], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stderr + check.stdout
+    assert re.search(r"^\s*sync_interval:\s*always\s*$", NATS_CONF.read_text(), re.M)
+
+
+def test_shipped_mosquitto_config_persists_and_queues_a_10_minute_outage() -> None:
+    s = mosquitto_settings()
+    assert s["persistence"] == "true"
+    assert int(s["max_queued_messages"]) >= OUTAGE_MESSAGES
+    assert int(s["max_queued_bytes"]) >= OUTAGE_MESSAGES * BYTES_PER_QUEUED_MESSAGE
+    assert s["queue_qos0_messages"] == "false"
+    assert s["allow_anonymous"] == "false"
+
+
+@pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
+async def test_shipped_mosquitto_config_keeps_the_bridges_queue_across_a_restart(
+    tmp_path: Path,
+) -> None:
+    """The bridge's session is away while messages arrive and the broker restarts; all of them
+    are delivered when it comes back. (Listener, paths and auth are rewritten for the test.)"""
+    kept = [
+        line
+        for line in MOSQUITTO_CONF.read_text().splitlines()
+        if not re.match(
+            r"\s*(listener|persistence_location|password_file|acl_file|allow_anon)", line
+        )
+    ]
+    broker = Mosquitto(tmp_path / "mosquitto", extra_config="\n".join(kept) + "\n")
+    broker.start()
+    try:
+        session = f"bridge-{uuid.uuid4().hex[:6]}"
+        async with aiomqtt.Client(
+            "127.0.0.1", broker.port, identifier=session, clean_session=False
+        ) as c:
+            await c.subscribe("zev/+/+/messwert", qos=1)
+        sent = 2000
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="meter") as meter:
+            for i in range(sent):
+                await meter.publish("zev/x/1/messwert", str(i).encode(), qos=1)
+        broker.restart()
+        got: set[int] = set()
+        async with aiomqtt.Client(
+            "127.0.0.1", broker.port, identifier=session, clean_session=False
+        ) as c:
+            async with asyncio.timeout(30):  # a lost message fails here, not at the suite's limit
+                async for message in c.messages:
+                    got.add(int(bytes(message.payload)))
+                    if len(got) == sent:
+                        break
+        assert got == set(range(sent))
+    finally:
+        broker.stop()
