@@ -23,9 +23,16 @@ def postgres_down(stack: Stack, seconds: float) -> Fault:
     return fault
 
 
+#: A restart of nats-server takes some 80 ms, which nats-py rides out by buffering; down this
+#: long, publishes, fetches and acks fail and the reconnect paths run.
+NATS_DOWN_S = 5.0
+
+
 def nats_restarted(stack: Stack) -> Fault:
     async def fault() -> None:
-        stack.nats.restart()
+        stack.nats.stop()
+        await asyncio.sleep(NATS_DOWN_S)  # the outage itself, not a wait for something
+        stack.nats.start()
 
     return fault
 
@@ -59,7 +66,7 @@ async def test_postgresql_stopped_for_30_seconds_mid_stream_loses_nothing(stack:
 async def test_nats_server_restarted_mid_stream_loses_nothing(stack: Stack, mode: str) -> None:
     """Every pull consumer, the bridge and the publisher come back after the restart."""
     await stack.run(
-        f"nats-server restarted ({mode})",
+        f"nats-server down for 5 s ({mode})",
         mode,
         lambda _: [(0.4, nats_restarted(stack))],
         seed=22,
@@ -82,7 +89,7 @@ async def test_kill_database_outage_and_both_restarts_in_one_run_lose_nothing(
     """What the acceptance check does: SIGKILL `pipeline run`, stop PostgreSQL for 15 s,
     restart the broker and nats-server, all while the data set is being published."""
     await stack.run(
-        "all of it in one run: SIGKILL, PostgreSQL 15 s, broker and nats-server restarted",
+        "all of it in one run: SIGKILL, PostgreSQL 15 s, broker restarted, nats-server 5 s",
         "fused",
         lambda workers: [
             (0.15, killed(workers, "fused")),
