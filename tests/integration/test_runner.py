@@ -135,19 +135,11 @@ async def test_a_batched_stage_failing_on_one_message_is_retried_one_by_one(
     assert dlq[0].subject == "dlq.stage_failed"
 
 
-async def _take_without_ack(js: Any, runner_config: Any) -> None:
-    """What a worker that dies mid-batch does: take the messages and never acknowledge them."""
-    await js.add_consumer("VALID", config=runner_config)
-    sub = await js.pull_subscribe_bind(durable="dedupe", stream="VALID")
-    taken = await sub.fetch(batch=len(UNITS), timeout=5)
-    assert len(taken) == len(UNITS)
-    await sub.unsubscribe()
-
-
-async def test_a_redelivered_reading_reaches_the_stage_marked_as_redelivered(
-    js, nats_server
-) -> None:
-    redelivery = Redelivery(ack_wait_s=1.0, max_deliver=5)
+async def after_a_dead_worker(
+    js: Any, redelivery: Redelivery
+) -> tuple[Callable[[Reading], list[Reading]], list[Reading]]:
+    """A stand-in stage that records what it sees, with every message already taken once by
+    a worker that died before acknowledging it."""
     seen: list[Reading] = []
 
     def fn(r: Reading) -> list[Reading]:
@@ -157,7 +149,19 @@ async def test_a_redelivered_reading_reaches_the_stage_marked_as_redelivered(
     config = ChainRunner(
         js, [Step(BY_NAME["dedupe"], fn)], Metrics(), asyncio.Event(), redelivery=redelivery
     ).consumer_config()
-    await _take_without_ack(js, config)
+    await js.add_consumer("VALID", config=config)
+    sub = await js.pull_subscribe_bind(durable="dedupe", stream="VALID")
+    taken = await sub.fetch(batch=len(UNITS), timeout=5)
+    assert len(taken) == len(UNITS)
+    await sub.unsubscribe()
+    return fn, seen
+
+
+async def test_a_redelivered_reading_reaches_the_stage_marked_as_redelivered(
+    js, nats_server
+) -> None:
+    redelivery = Redelivery(ack_wait_s=1.0, max_deliver=5)
+    fn, seen = await after_a_dead_worker(js, redelivery)
     async with dedupe_runner(js, fn, redelivery):
         await eventually(
             lambda: stream_messages(nats_server.url, "UNIQUE"),
@@ -171,16 +175,7 @@ async def test_a_message_delivered_max_deliver_times_goes_to_the_dlq_unprocessed
     js, nats_server
 ) -> None:
     redelivery = Redelivery(ack_wait_s=1.0, max_deliver=2)
-    seen: list[Reading] = []
-
-    def fn(r: Reading) -> list[Reading]:
-        seen.append(r)
-        return [r]
-
-    config = ChainRunner(
-        js, [Step(BY_NAME["dedupe"], fn)], Metrics(), asyncio.Event(), redelivery=redelivery
-    ).consumer_config()
-    await _take_without_ack(js, config)  # delivery 1 dies with its worker
+    fn, seen = await after_a_dead_worker(js, redelivery)  # delivery 1 died with its worker
     async with dedupe_runner(js, fn, redelivery):  # delivery 2 is the last one allowed
         dlq = await eventually(
             lambda: stream_messages(nats_server.url, "DLQ"),
