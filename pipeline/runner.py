@@ -48,6 +48,8 @@ log = structlog.get_logger("pipeline.runner")
 LAG_SAMPLE_S = 5.0
 #: A consumer with messages waiting whose fetches come back empty this long is bound again.
 STALL_S = 15.0
+#: Fetches failing in a row before the consumer is bound (and if need be created) again.
+REBIND_AFTER_FAILURES = 3
 #: From this delivery on, a message is processed alone, after its batch-mates.
 SUSPECT_FROM_DELIVERY = 3
 
@@ -219,7 +221,7 @@ class ChainRunner:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
             if self._stalled.is_set() and not self._stop.is_set():
-                log.warning("consumer stalled, binding it again", stage=self.name)
+                log.warning("consumer stalled or gone, binding it again", stage=self.name)
 
     async def _consume(self, sub: Any) -> None:
         failures = Backoff(self._stop, first_s=0.2)
@@ -233,6 +235,11 @@ class ChainRunner:
             except Exception as exc:
                 self.last_error = repr(exc)
                 log.warning("fetch failed", stage=self.name, error=repr(exc))
+                if failures.attempts + 1 >= REBIND_AFTER_FAILURES:
+                    # The consumer may be gone (deleted, or lost with the server's state):
+                    # binding again creates it anew.
+                    self._stalled.set()
+                    return
                 try:
                     await failures.wait()
                 except Abandoned:

@@ -184,3 +184,20 @@ async def test_a_message_delivered_max_deliver_times_goes_to_the_dlq_unprocessed
     assert {m.subject for m in dlq} == {"dlq.max_deliveries"}
     assert seen == []
     assert await stream_messages(nats_server.url, "UNIQUE") == []
+
+
+async def test_a_consumer_deleted_on_the_server_is_created_again_and_the_stage_goes_on(
+    js, nats_server
+) -> None:
+    async with dedupe_runner(js, lambda r: [r]):
+        await eventually(
+            lambda: stream_messages(nats_server.url, "UNIQUE"),
+            lambda got: len(got) == len(UNITS),
+        )
+        await js.delete_consumer("VALID", "dedupe")
+        body, headers = encode(reading(42))
+        await js.publish(f"valid.{ORG}.42", body, headers=headers)
+        await eventually(
+            lambda: stream_messages(nats_server.url, "UNIQUE"),
+            lambda got: len(got) == len(UNITS) + 1,
+        )
