@@ -33,10 +33,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import BaseModel
 
+from pipeline.broker import declare_streams
 from pipeline.codec import TOPIC_HEADER, decode, encode
 from pipeline.metrics import Metrics
 from pipeline.retry import POISON_AFTER_FAILURES, Abandoned, Backoff, is_transient
@@ -133,6 +135,8 @@ class JetStreamOut:
                 return
             except Exception as exc:  # NATS away, stream full, timeout: all transient
                 log.warning("publish failed, retrying", error=repr(exc), messages=len(outbound))
+                if isinstance(exc, nats.errors.NoRespondersError):
+                    await _redeclare(self._js)  # no stream takes the subject: it was lost
                 await backoff.wait()
 
 
@@ -197,6 +201,8 @@ class ChainRunner:
             except Exception as exc:
                 self.last_error = repr(exc)
                 log.warning("consumer not ready, retrying", stage=self.name, error=repr(exc))
+                if isinstance(exc, nats.js.errors.NotFoundError):
+                    await _redeclare(self._js)  # its stream was lost
                 try:
                     await backoff.wait()
                 except Abandoned:
@@ -406,6 +412,15 @@ class ChainRunner:
             idle = self._idle_since
             if pending and idle is not None and time.monotonic() - idle > STALL_S:
                 self._stalled.set()
+
+
+async def _redeclare(js: Any) -> None:
+    """Create the streams again that a server lost (deleted, or restarted without its store)."""
+    try:
+        await declare_streams(js)
+        log.warning("streams declared again")
+    except Exception as exc:
+        log.debug("streams could not be declared", error=repr(exc))
 
 
 async def _resolve(result: Any) -> Sequence[Any]:

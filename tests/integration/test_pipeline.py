@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import asyncpg
+import nats
 import pytest
 
 from pipeline.devstack import Mosquitto
@@ -352,3 +353,22 @@ async def test_topics_with_nats_wildcards_or_dots_are_rejected_as_invalid_topic(
         failed = await metric(pipeline, "zev_mqtt_messages_failed_total")
     assert {m.subject for m in dlq} == {"dlq.invalid_topic"}
     assert failed == len(tricky)
+
+
+async def test_streams_lost_on_the_server_are_declared_again_and_readings_flow(
+    settings, units, db, mqtt_broker
+) -> None:
+    """A JetStream store lost with a restart, or a stream deleted by hand: the workers create
+    what they need again instead of retrying into nothing."""
+    at = BASE + timedelta(minutes=4)
+    async with running(settings):
+        nc = await nats.connect(settings.nats_url)
+        js = nc.jetstream()
+        for stream in ("INGEST", "MESSWERTE"):
+            await js.delete_stream(stream)
+        await nc.close()
+        await publish(mqtt_broker.url, [(topic(ORG_A, 1), body(at, "2.5"))])
+        await eventually(lambda: db_raw(db), lambda got: (1, at) in got)
+        await eventually(
+            lambda: stream_messages(settings.nats_url, "MESSWERTE"), lambda got: len(got) == 1
+        )
