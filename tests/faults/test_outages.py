@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from tests.faults.conftest import Stack
-from tests.faults.harness import Fault, Workers
+from tests.faults.harness import DRAIN_LIMIT_S, Fault, Workers
 
 # Servers are stopped and started on the test's own thread, blocking it for a moment: a server
 # started from an executor thread would die with that thread (see devstack's PDEATHSIG).
@@ -98,4 +98,31 @@ async def test_kill_database_outage_and_both_restarts_in_one_run_lose_nothing(
             (0.8, nats_restarted(stack)),
         ],
         seed=24,
+    )
+
+
+def terminated_while_postgres_is_down(stack: Stack, workers: Workers) -> Fault:
+    """SIGTERM while persist holds a batch it cannot store: the worker leaves it
+    unacknowledged and exits 0 in time; the restarted worker stores it."""
+
+    async def fault() -> None:
+        stack.postgres.stop()
+        await asyncio.sleep(3)  # into the outage: persist is retrying its batch
+        code, drained_s = await asyncio.to_thread(workers["fused"].terminate)
+        assert code == 0, workers["fused"].tail()
+        assert drained_s < DRAIN_LIMIT_S
+        stack.postgres.start()
+        workers["fused"].start()
+
+    return fault
+
+
+async def test_sigterm_while_postgresql_is_down_exits_0_in_time_and_loses_nothing(
+    stack: Stack,
+) -> None:
+    await stack.run(
+        "SIGTERM during a PostgreSQL outage, then restarted (fused)",
+        "fused",
+        lambda workers: [(0.5, terminated_while_postgres_is_down(stack, workers))],
+        seed=25,
     )
