@@ -9,6 +9,7 @@ finished its batch in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal, TypeVar
@@ -162,7 +163,7 @@ class Pipeline:
                 await http.cleanup()
             if pool is not None:
                 await pool.close()
-            await broker.stop()
+            await _close_nats(broker, nc)
             log.info("pipeline stopped")
 
     def _start(self, js: Any, pool: TimedPool | None) -> list[asyncio.Task[Any]]:
@@ -235,3 +236,15 @@ class Pipeline:
             if window.due.is_set() and not self.stop.is_set():
                 # A late reading woke us: let the rest of its burst arrive, then sum once.
                 await asyncio.sleep(COALESCE_S)
+
+
+async def _close_nats(broker: Any, nc: Any) -> None:
+    """Drain the NATS connection; while NATS is away (reconnecting) draining refuses, so close.
+
+    Nothing is lost either way: every input not acknowledged yet is redelivered."""
+    try:
+        await broker.stop()
+    except Exception as exc:
+        log.info("NATS not reachable at shutdown, closing without draining", error=repr(exc))
+        with contextlib.suppress(Exception):
+            await nc.close()

@@ -8,6 +8,7 @@ wrapper puts a timeout on acquiring a connection and on every statement.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -44,8 +45,12 @@ class TimedPool:
         async with self.acquire() as conn:
             return await conn.execute(query, *args, timeout=self._statement_s)  # type: ignore[no-any-return]
 
-    async def close(self) -> None:
-        await self.pool.close()
+    async def close(self, timeout_s: float = 3.0) -> None:
+        """Close gracefully; a connection stuck on an unreachable server is cut off."""
+        try:
+            await asyncio.wait_for(self.pool.close(), timeout_s)
+        except (TimeoutError, OSError, asyncpg.InterfaceError):
+            self.pool.terminate()
 
 
 async def connect(

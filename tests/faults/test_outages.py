@@ -101,28 +101,31 @@ async def test_kill_database_outage_and_both_restarts_in_one_run_lose_nothing(
     )
 
 
-def terminated_while_postgres_is_down(stack: Stack, workers: Workers) -> Fault:
-    """SIGTERM while persist holds a batch it cannot store: the worker leaves it
-    unacknowledged and exits 0 in time; the restarted worker stores it."""
+def terminated_while_down(stack: Stack, workers: Workers, server: str) -> Fault:
+    """SIGTERM while `server` is away and the worker holds work it cannot finish: it leaves it
+    unacknowledged and exits 0 in time; the restarted worker finishes it."""
+    process = stack.postgres if server == "postgres" else stack.nats
 
     async def fault() -> None:
-        stack.postgres.stop()
-        await asyncio.sleep(3)  # into the outage: persist is retrying its batch
+        process.stop()
+        await asyncio.sleep(3)  # into the outage: the worker is retrying
         code, drained_s = await asyncio.to_thread(workers["fused"].terminate)
         assert code == 0, workers["fused"].tail()
         assert drained_s < DRAIN_LIMIT_S
-        stack.postgres.start()
+        process.start()
         workers["fused"].start()
 
     return fault
 
 
-async def test_sigterm_while_postgresql_is_down_exits_0_in_time_and_loses_nothing(
-    stack: Stack,
+@pytest.mark.parametrize("server", ["postgres", "nats"])
+async def test_sigterm_during_an_outage_exits_0_in_time_and_loses_nothing(
+    stack: Stack, server: str
 ) -> None:
+    name = "PostgreSQL" if server == "postgres" else "nats-server"
     await stack.run(
-        "SIGTERM during a PostgreSQL outage, then restarted (fused)",
+        f"SIGTERM while {name} is down, then restarted (fused)",
         "fused",
-        lambda workers: [(0.5, terminated_while_postgres_is_down(stack, workers))],
+        lambda workers: [(0.5, terminated_while_down(stack, workers, server))],
         seed=25,
     )

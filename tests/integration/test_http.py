@@ -99,6 +99,24 @@ async def test_mqtt_health_reports_subscription_and_silence(settings, mqtt_broke
     assert mqtt["seconds_since_last_message"] >= 0
 
 
+async def test_mqtt_health_shows_the_broker_gone_and_the_reconnect(settings, mqtt_broker) -> None:
+    broker = mqtt_broker.process
+    async with running(settings):
+        await eventually(lambda: get(settings, "/health/mqtt"), lambda r: r[0] == 200)
+        broker.stop()
+        _, _, down = await eventually(
+            lambda: get(settings, "/health/mqtt"), lambda r: r[0] == 503, timeout_s=60
+        )
+        assert (down["connected"], down["subscribed"]) == (False, False)
+        assert down["last_error"]
+        broker.restart()
+        _, _, up = await eventually(
+            lambda: get(settings, "/health/mqtt"), lambda r: r[0] == 200, timeout_s=30
+        )
+    assert up["reconnects"] >= 1
+    assert up["last_error"] is None
+
+
 async def test_long_silence_turns_mqtt_health_503_when_opted_in(settings) -> None:
     settings = settings.model_copy(update={"mqtt_silence_threshold_seconds": 0.5})
     async with running(settings):
