@@ -265,24 +265,26 @@ class ChainRunner:
 
     async def process(self, msgs: Sequence[Any]) -> None:
         """One fetched batch; inputs delivered several times already go alone, after the rest."""
-        fresh = [m for m in msgs if _deliveries(m) < SUSPECT_FROM_DELIVERY]
-        suspects = [m for m in msgs if _deliveries(m) >= SUSPECT_FROM_DELIVERY]
+        counted = [(msg, _deliveries(msg)) for msg in msgs]
+        fresh = [(m, n) for m, n in counted if n < SUSPECT_FROM_DELIVERY]
         if fresh:
             await self._process(fresh)
-        for msg in suspects:
-            log.warning(
-                "message delivered repeatedly, processing it on its own",
-                stage=self.name,
-                deliveries=_deliveries(msg),
-                subject=msg.subject,
-            )
-            await self._process([msg])
+        for msg, deliveries in counted:
+            if deliveries >= SUSPECT_FROM_DELIVERY:
+                log.warning(
+                    "message delivered repeatedly, processing it on its own",
+                    stage=self.name,
+                    deliveries=deliveries,
+                    subject=msg.subject,
+                )
+                await self._process([(msg, deliveries)])
 
-    async def _process(self, msgs: Sequence[Any]) -> None:
+    async def _process(self, counted: Sequence[tuple[Any, int]]) -> None:
+        """Process messages, each with how often JetStream has delivered it."""
+        msgs = [msg for msg, _ in counted]
         outbound: list[Outbound] = []
         current: list[Any] = []
-        for msg in msgs:
-            deliveries = _deliveries(msg)
+        for msg, deliveries in counted:
             if deliveries >= self._redelivery.max_deliver:
                 detail = f"delivered {deliveries} times without being acknowledged"
                 outbound.append(self._raw_reject(msg, RejectReason.MAX_DELIVERIES, detail))

@@ -6,8 +6,9 @@ keeping the reading latest in broker order. The last write wins by broker order,
 arrival: a row is only overwritten by a reading that is newer (receive time, then INGEST
 sequence) than the one it holds, so a redelivery that arrives after a newer reading, after a
 crash, changes nothing. A row whose values change is reset to `verarbeitet = FALSE` so its
-interval is summed again; an unchanged repeat is a no-op and yields nothing. Rows are written
-in key order so concurrent writers lock them in one order.
+interval is summed again; a newer repeat of the same values only moves the row's order forward
+and, once its interval is summed, yields nothing. Rows are written in key order so concurrent
+writers lock them in one order.
 """
 
 from __future__ import annotations
