@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from tests.faults.conftest import Stack
-from tests.faults.harness import DRAIN_LIMIT_S, Fault, Workers
+from tests.faults.harness import DRAIN_LIMIT_S, Fault, Worker, Workers, until
 
 # Servers are stopped and started on the test's own thread, blocking it for a moment: a server
 # started from an executor thread would die with that thread (see devstack's PDEATHSIG).
@@ -101,6 +101,10 @@ async def test_kill_database_outage_and_both_restarts_in_one_run_lose_nothing(
     )
 
 
+async def _unhealthy(worker: Worker) -> bool:
+    return await asyncio.to_thread(worker.health) == 503
+
+
 def terminated_while_down(stack: Stack, workers: Workers, server: str) -> Fault:
     """SIGTERM while `server` is away and the worker holds work it cannot finish: it leaves it
     unacknowledged and exits 0 in time; the restarted worker finishes it."""
@@ -108,7 +112,8 @@ def terminated_while_down(stack: Stack, workers: Workers, server: str) -> Fault:
 
     async def fault() -> None:
         process.stop()
-        await asyncio.sleep(3)  # into the outage: the worker is retrying
+        worker = workers["fused"]
+        await until(lambda: _unhealthy(worker), f"the worker reports {server} down", timeout_s=30)
         code, drained_s = await asyncio.to_thread(workers["fused"].terminate)
         assert code == 0, workers["fused"].tail()
         assert drained_s < DRAIN_LIMIT_S
