@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar
 
 import structlog
 
-from pipeline.bridge import MqttBridge
+from pipeline.bridge import MqttBridge, Sink
 from pipeline.broker import declare_streams, make_broker
 from pipeline.config import Settings, redact
 from pipeline.database import TimedPool, connect
@@ -169,11 +169,6 @@ class Pipeline:
     def _start(self, js: Any, pool: TimedPool | None) -> list[asyncio.Task[Any]]:
         s = self.settings
         tasks: list[asyncio.Task[Any]] = []
-        if "mqtt_bridge" in self.stages:
-            mqtt_health = MqttHealth(silence_threshold_s=s.mqtt_silence_threshold_seconds)
-            self.health.components["mqtt"] = mqtt_health
-            bridge = MqttBridge(s, js, self.metrics, mqtt_health, self.stop)
-            tasks.append(asyncio.create_task(bridge.run(), name="mqtt_bridge"))
         window: WindowAggregate | None = None
         if pool is not None and "window_aggregate" in self.stages:
             window = WindowAggregate(pool, grace=s.grace)
@@ -185,6 +180,7 @@ class Pipeline:
             impls["persist"] = Persist(pool)
             impls["window_aggregate"] = window
         impls["dedupe"] = Dedupe()
+        sink: Sink | None = None
         for group in chains(self.stages, self.mode):
             steps = [Step(BY_NAME[name], impls[name]) for name in group]
             runner = ChainRunner(
@@ -198,7 +194,16 @@ class Pipeline:
             self.health.components[f"stage:{runner.name}"] = Probe(
                 lambda r=runner: r.healthy, lambda r=runner: {"last_error": r.last_error}
             )
+            if self.mode == "fused" and group[0] == "validate" and "mqtt_bridge" in self.stages:
+                # Fused with the bridge: MQTT feeds the chain in memory, no INGEST hop; the
+                # consumer still runs, to take what a split bridge left on `ingest.>`.
+                sink = runner.run_items
             tasks.append(asyncio.create_task(runner.run(), name=runner.name))
+        if "mqtt_bridge" in self.stages:
+            mqtt_health = MqttHealth(silence_threshold_s=s.mqtt_silence_threshold_seconds)
+            self.health.components["mqtt"] = mqtt_health
+            bridge = MqttBridge(s, js, self.metrics, mqtt_health, self.stop, sink)
+            tasks.append(asyncio.create_task(bridge.run(), name="mqtt_bridge"))
         if pool is not None and "publish" in self.stages:
             publisher = OutboxPublisher(pool, s.database_url, js, self.metrics, self.stop)
             self.health.components["publish"] = Probe(lambda: publisher.healthy)

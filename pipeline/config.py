@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     http_host: str = "0.0.0.0"
     max_payload_bytes: int = Field(default=64 * 1024, gt=0)
     batch_size: int = Field(default=500, gt=0)
+    mqtt_protocol: Literal["auto", "5", "3.1.1"] = Field(
+        default="auto", description="auto: MQTT 5 where the broker has it, else 3.1.1"
+    )
     sweep_interval_seconds: float = Field(default=1.0, gt=0)
     mqtt_silence_threshold_seconds: float | None = Field(
         default=None, description="opt-in: /health/mqtt turns 503 after this long without a message"

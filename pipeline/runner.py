@@ -283,7 +283,7 @@ class ChainRunner:
         """Process messages, each with how often JetStream has delivered it."""
         msgs = [msg for msg, _ in counted]
         outbound: list[Outbound] = []
-        current: list[Any] = []
+        items: list[Any] = []
         for msg, deliveries in counted:
             if deliveries >= self._redelivery.max_deliver:
                 detail = f"delivered {deliveries} times without being acknowledged"
@@ -296,25 +296,10 @@ class ChainRunner:
                 continue
             if deliveries > 1 and "redelivered" in type(item).model_fields:
                 item = item.model_copy(update={"redelivered": True})
-            current.append(item)
+            items.append(item)
         heartbeat = asyncio.create_task(self._keep_in_progress(msgs))
         try:
-            for index, step in enumerate(self.steps):
-                following = (
-                    self.steps[index + 1].spec.consumes if index + 1 < len(self.steps) else None
-                )
-                outputs = await self._call(step, current)
-                observe(self._metrics, step, len(current), outputs)
-                current = []
-                for out in outputs:
-                    if following is not None and isinstance(out, following):
-                        current.append(out)
-                        continue
-                    route = step.spec.writes.get(type(out))
-                    if route is not None:
-                        body, headers = encode(out)
-                        outbound.append((route(out), body, headers))
-            await self._out.publish(outbound)
+            await self.run_items(items, outbound)
         finally:
             heartbeat.cancel()
         for msg in msgs:
@@ -322,6 +307,26 @@ class ChainRunner:
                 await msg.ack()
             except Exception as exc:  # NATS away: redelivery follows, every effect is idempotent
                 log.warning("ack failed", stage=self.name, error=repr(exc))
+
+    async def run_items(self, items: list[Any], outbound: list[Outbound] | None = None) -> None:
+        """Run the chain over decoded inputs and return once every output is stored: handed on
+        in memory to the next step, or published (with `outbound`, what was refused before)."""
+        outbound = outbound if outbound is not None else []
+        current = items
+        for index, step in enumerate(self.steps):
+            following = self.steps[index + 1].spec.consumes if index + 1 < len(self.steps) else None
+            outputs = await self._call(step, current)
+            observe(self._metrics, step, len(current), outputs)
+            current = []
+            for out in outputs:
+                if following is not None and isinstance(out, following):
+                    current.append(out)
+                    continue
+                route = step.spec.writes.get(type(out))
+                if route is not None:
+                    body, headers = encode(out)
+                    outbound.append((route(out), body, headers))
+        await self._out.publish(outbound)
 
     async def _call(self, step: Step, batch: list[Any]) -> list[Any]:
         """Run one stage over the batch; a poison input becomes a reject of that input only."""

@@ -25,7 +25,7 @@ OVERSIZE_KEPT_BYTES = 1024
 
 
 def to_ingest(
-    topic: str, payload: bytes, received_at: datetime, max_payload_bytes: int
+    topic: str, payload: bytes, received_at: datetime, max_payload_bytes: int, ingest_seq: int = 0
 ) -> IngestMessage:
     """Wrap one MQTT message; the payload is not inspected here.
 
@@ -38,8 +38,11 @@ def to_ingest(
             payload=payload[:OVERSIZE_KEPT_BYTES],
             received_at=received_at,
             payload_size=len(payload),
+            ingest_seq=ingest_seq,
         )
-    return IngestMessage(topic=topic, payload=payload, received_at=received_at)
+    return IngestMessage(
+        topic=topic, payload=payload, received_at=received_at, ingest_seq=ingest_seq
+    )
 
 
 def ingest_subject(topic: str) -> str:

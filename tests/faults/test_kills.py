@@ -56,7 +56,9 @@ async def mid_batch(stack: Stack, stage: str, worker: Worker) -> AsyncIterator[W
         return
     table = "messwerte" if stage == "window_aggregate" else "zaehler_rohdaten"
     async with table_locked(stack.dsn, table) as holder:
-        consumer = {"persist": ("UNIQUE", "persist"), "persist_fused": ("INGEST", "validate")}
+        # Fused, the bridge feeds persist in memory: the readings it holds are unacknowledged
+        # at the broker, and the statement waiting on the lock is the witness.
+        consumer = {"persist": ("UNIQUE", "persist")}
 
         async def blocked() -> bool:
             if stage in consumer and not await unacknowledged(url, *consumer[stage]):

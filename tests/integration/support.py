@@ -75,11 +75,15 @@ def body(at: datetime, verbrauch: float | str, einspeisung: float | str = 0, **e
 
 
 async def stream_messages(nats_url: str, stream: str) -> list[Any]:
-    """Every message currently stored in `stream`, in order (direct get by sequence)."""
+    """Every message currently stored in `stream`, in order (direct get by sequence); none
+    while the stream does not exist (yet, or again: workers create it when they need it)."""
     nc = await nats.connect(nats_url)
     try:
         js = nc.jetstream()
-        info = await js.stream_info(stream)
+        try:
+            info = await js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            return []
         out: list[Any] = []
         if info.state.messages == 0:
             return out
