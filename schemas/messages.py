@@ -189,16 +189,18 @@ def interval_end(ts: datetime) -> datetime:
     Rounds up to the quarter hour in UTC; quarter hours coincide in UTC and Europe/Zurich,
     so the result is DST-safe. A reading exactly on a quarter hour closes that interval.
     """
-    utc = ts.astimezone(UTC)
-    us = _epoch_us(utc)
-    quarter_us = 15 * 60 * 1_000_000
-    end_us = -(-us // quarter_us) * quarter_us
-    return datetime.fromtimestamp(0, UTC) + timedelta(microseconds=end_us)
+    end_us = -(-_epoch_us(ts) // _QUARTER_US) * _QUARTER_US
+    return _EPOCH + timedelta(microseconds=end_us)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_QUARTER_US = 15 * 60 * 1_000_000
 
 
 def _epoch_us(ts: datetime) -> int:
-    delta = ts.astimezone(UTC) - datetime(1970, 1, 1, tzinfo=UTC)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    # Exact integer arithmetic in C (aware datetimes subtract across offsets); per reading.
+    return (ts - _EPOCH) // _MICROSECOND
 
 
 def _canonical(value: Decimal | None) -> str:
