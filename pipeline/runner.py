@@ -340,24 +340,41 @@ class ChainRunner:
                     return [_stage_reject(step.spec.name, batch[0], poison.cause)]
                 log.warning("batch failed, retrying its messages one by one", stage=step.spec.name)
         outputs: list[Any] = []
+        fn = step.fn
         for position, item in enumerate(batch):
+            arg = [item] if step.batched else item
+            # The common case, a call that succeeds, without the retry machinery around it:
+            # per-message stages pass here for every reading.
             try:
-                arg = [item] if step.batched else item
-                outputs.extend(await self._retrying(step, arg, len(batch) - position, alone=True))
+                outputs.extend(await _resolve(fn(arg)))
+                continue
+            except Abandoned:
+                raise
+            except Exception as exc:
+                failed: Exception = exc
+            try:
+                held = len(batch) - position
+                outputs.extend(await self._retrying(step, arg, held, alone=True, failed=failed))
             except _Poison as poison:
                 outputs.append(_stage_reject(step.spec.name, item, poison.cause))
         return outputs
 
-    async def _retrying(self, step: Step, arg: Any, held: int, *, alone: bool) -> list[Any]:
+    async def _retrying(
+        self, step: Step, arg: Any, held: int, *, alone: bool, failed: Exception | None = None
+    ) -> list[Any]:
         """Call the stage until it succeeds; wait out transient errors. Raise `_Poison` when a
         call over several messages fails otherwise (to look at them one by one), or a call over
-        one message fails otherwise `POISON_AFTER_FAILURES` times in a row."""
+        one message fails otherwise `POISON_AFTER_FAILURES` times in a row. `failed`: what
+        the call already made raised, counted as the first attempt."""
         backoff = Backoff(self._stop)
         failures = 0  # consecutive non-transient ones
         depth = self._metrics.retry_queue_depth.labels(step.spec.name)
         try:
             while True:
                 try:
+                    if failed is not None:
+                        error, failed = failed, None
+                        raise error
                     result = list(await _resolve(step.fn(arg)))
                     if backoff.attempts:
                         log.info("stage recovered", stage=step.spec.name, retries=backoff.attempts)

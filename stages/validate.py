@@ -28,6 +28,7 @@ STAGE = "validate"
 DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024
 #: A reading further ahead than this (clock skew allowance) is logged as being in the future.
 FUTURE_TOLERANCE = timedelta(seconds=60)
+TOPIC_CACHE_SIZE = 100_000
 
 _REASON_BY_ERROR = {
     "missing": RejectReason.MISSING_FIELD,
@@ -222,6 +223,7 @@ class Validate:
         self._units = units
         self._clock = clock
         self._max_payload_bytes = max_payload_bytes
+        self._topics: dict[str, tuple[UUID, int]] = {}
 
     async def __call__(self, msg: IngestMessage) -> list[Reading | Reject]:
         try:
@@ -231,7 +233,14 @@ class Validate:
             return [Reject.of(msg, refused.reason, refused.detail, STAGE)]
 
     def _parse(self, msg: IngestMessage) -> tuple[UUID, int, MesswertPayload]:
-        org, einheit_id = parse_topic(msg.topic)
+        # A fleet publishes on a few thousand topics over and over: parse each once.
+        parsed = self._topics.get(msg.topic)
+        if parsed is None:
+            parsed = parse_topic(msg.topic)
+            if len(self._topics) >= TOPIC_CACHE_SIZE:  # made-up topics must not grow memory
+                self._topics.clear()
+            self._topics[msg.topic] = parsed
+        org, einheit_id = parsed
         size = msg.payload_size or len(msg.payload)
         if size > self._max_payload_bytes:
             raise _Refused(
