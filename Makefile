@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint typecheck unit integration clean
+.PHONY: venv demo test lint typecheck unit integration bench soak clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ required"; exit 1; }
@@ -33,6 +33,19 @@ typecheck: venv
 test: venv lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 	MESSWERTE_TEST_BROKER=nats $(BIN)/pytest tests/integration/test_pipeline.py tests/integration/test_mixed_load.py tests/integration/test_hostile_input.py $(PYTEST_ARGS)
+
+# Throughput and latency of raw ceiling, naive baseline, fused and split on the same load
+# (bench/README in the main README); BENCH_ARGS="--messages 20000" for a quicker run.
+BENCH_ARGS ?=
+$(BIN)/.bench-installed: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+bench: $(BIN)/.bench-installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench $(BENCH_ARGS)
+
+soak: $(BIN)/.bench-installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench --soak $(BENCH_ARGS)
 
 unit: venv
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)

@@ -1,0 +1,109 @@
+"""`python -m bench` (`make bench`): raw ceiling, naive baseline, fused and split pipeline on
+the same load, closed loop for throughput and open loop for latency; or `--soak`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.harness import Result, Stack, latency, throughput
+from bench.load import make_load, publisher_argv
+from bench.soak import soak
+from bench.systems import KINDS
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--messages", type=int, default=100_000, help="readings, closed loop")
+    p.add_argument("--publishers", type=int, default=20, help="publisher processes (units)")
+    p.add_argument("--rate", type=float, default=1000.0, help="open-loop rate, msg/s")
+    p.add_argument("--latency-seconds", type=float, default=15.0, help="open-loop duration")
+    p.add_argument("--only", default=",".join(KINDS), help=f"subset of {','.join(KINDS)}")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="JSON/PNG/table")
+    p.add_argument("--stall-seconds", type=float, default=20.0, help="give up after no progress")
+    p.add_argument("--profile", action="store_true", help="py-spy the fused run's worker")
+    p.add_argument("--soak", action="store_true", help="soak the fused pipeline instead")
+    p.add_argument("--soak-minutes", type=float, default=10.0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    kinds = [k.strip() for k in args.only.split(",") if k.strip()]
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        print(f"unknown system(s): {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="messwerte-bench-"))
+    stack = Stack(workdir)
+    try:
+        if args.soak:
+            return _soak(stack, args, workdir)
+        return _bench(stack, args, kinds, workdir)
+    finally:
+        stack.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _bench(stack: Stack, args: argparse.Namespace, kinds: list[str], workdir: Path) -> int:
+    started = time.monotonic()
+    closed_load = make_load(args.messages, args.publishers)
+    open_load = make_load(int(args.rate * args.latency_seconds), args.publishers, seed=2)
+    results: list[Result] = []
+    profile = args.out if args.profile else None
+    for kind in kinds:
+        print(f"{kind}: {closed_load.total:,} readings, closed loop ...", flush=True)
+        r = throughput(
+            stack,
+            kind,
+            closed_load,
+            workdir,
+            args.stall_seconds,
+            profile if kind == "fused" else None,
+        )
+        print(f"  {r.rate:,.0f} msg/s, {r.lost} lost", flush=True)
+        results.append(r)
+    for kind in kinds:
+        if kind == "raw":
+            continue  # it stores nothing: there is no commit to time
+        print(f"{kind}: {open_load.total:,} readings at {args.rate:,.0f} msg/s ...", flush=True)
+        r = latency(stack, kind, open_load, args.rate, workdir, args.stall_seconds)
+        print(f"  p99 {r.latency_ms.get('p99')} ms, {r.lost} lost", flush=True)
+        results.append(r)
+    setup: dict[str, Any] = {
+        "messages": closed_load.total,
+        "publishers": args.publishers,
+        "publisher": publisher_argv(0, "t", "c")[1],
+        "broker": stack.broker_name,
+        "rate": args.rate,
+        "latency_messages": open_load.total,
+        "machine": report.machine(),
+        "duration_s": round(time.monotonic() - started, 1),
+    }
+    print()
+    print(report.table(results, setup))
+    paths = report.write(results, setup, args.out)
+    print("\nwritten: " + ", ".join(str(p) for p in paths.values()))
+    return 1 if any(r.lost for r in results) else 0
+
+
+def _soak(stack: Stack, args: argparse.Namespace, workdir: Path) -> int:
+    result = soak(stack, args.rate, args.soak_minutes, workdir)
+    summary = result.summary()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"soak-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    path.write_text(json.dumps({"summary": summary, "samples": result.samples}, indent=2))
+    print(json.dumps(summary, indent=2))
+    print(f"written: {path}")
+    return 1 if summary["lost"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

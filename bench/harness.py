@@ -1,0 +1,258 @@
+"""Runs the systems on the same load, one after the other, against the same servers.
+
+Servers (mosquitto, or nats-server's MQTT listener where mosquitto is missing; nats-server with
+JetStream synced on every write; PostgreSQL with fsync) start once in a temporary directory.
+Every run gets a fresh database and, for the pipeline, a fresh NATS server, so no run inherits
+another's backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from bench import load as loadgen
+from bench import systems
+from bench.load import Load
+from pipeline.devstack import Mosquitto, NatsServer, Postgres, mosquitto_binary
+from pipeline.migrations import migrate
+
+#: Rows appear as notifications at commit: the latency probe's clock.
+NOTIFY_SQL = """
+CREATE OR REPLACE FUNCTION bench_row_committed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('bench_rows', NEW.einheit_id || ' ' || extract(epoch FROM NEW.timestamp));
+    RETURN NEW;
+END $$;
+CREATE TRIGGER bench_row_committed AFTER INSERT ON zaehler_rohdaten
+    FOR EACH ROW EXECUTE FUNCTION bench_row_committed();
+"""
+
+
+@dataclass
+class Result:
+    kind: str
+    loop: str  # "closed" (throughput) or "open" (latency)
+    messages: int
+    stored: int = 0
+    seconds: float = 0.0
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    peak_rss_mib: dict[str, float] = field(default_factory=dict)
+    cpu_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def lost(self) -> int:
+        return self.messages - self.stored
+
+    @property
+    def rate(self) -> float:
+        return self.stored / self.seconds if self.seconds else 0.0
+
+
+class Stack:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.postgres = Postgres(workdir / "pg").start()
+        self.broker: Any
+        if mosquitto_binary():
+            self.broker = Mosquitto(workdir / "mosquitto").start()
+            self.broker_name = "mosquitto"
+            self.mqtt_port = self.broker.port
+        else:
+            self.broker = NatsServer(workdir / "nats-mqtt", mqtt=True).start()
+            self.broker_name = "nats-server MQTT"
+            assert self.broker.mqtt_port is not None
+            self.mqtt_port = self.broker.mqtt_port
+        self.runs = 0
+
+    def close(self) -> None:
+        self.broker.stop()
+        self.postgres.stop()
+
+    @contextlib.contextmanager
+    def environment(self, kind: str) -> Iterator[dict[str, str]]:
+        """Settings for one run: a new database and, for the pipeline, a new NATS server."""
+        self.runs += 1
+        name = f"bench_{self.runs}_{kind}"
+        asyncio.run(self._create_database(name))
+        env = {
+            "PIPELINE_DATABASE_URL": self.postgres.dsn_for(name),
+            "PIPELINE_MQTT_URL": f"mqtt://127.0.0.1:{self.mqtt_port}",
+            "PIPELINE_MQTT_CLIENT_ID": f"bench-bridge-{uuid.uuid4().hex[:8]}",
+            "PIPELINE_LOG_FORMAT": "json",
+            "PIPELINE_LOG_LEVEL": "warning",
+        }
+        nats = None
+        if kind in ("fused", "split"):
+            nats = NatsServer(self.workdir / f"nats-{self.runs}", sync_always=True).start()
+            env["PIPELINE_NATS_URL"] = nats.url
+        try:
+            yield env
+        finally:
+            if nats is not None:
+                nats.stop()
+
+    async def _create_database(self, name: str) -> None:
+        conn = await asyncpg.connect(self.postgres.dsn)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+
+async def prepare(database_url: str, load: Load) -> None:
+    await migrate(database_url)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.executemany(
+            "INSERT INTO einheit (id, organization_id) VALUES ($1, $2)",
+            [(u.einheit_id, u.organization_id) for u in load.units],
+        )
+        await conn.execute(NOTIFY_SQL)
+    finally:
+        await conn.close()
+
+
+async def count_rows(database_url: str) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM zaehler_rohdaten"))
+    finally:
+        await conn.close()
+
+
+async def wait_for_rows(
+    database_url: str, expected: int, stall_s: float, poll_s: float = 0.05
+) -> tuple[int, float]:
+    """Poll until `expected` rows exist or none were added for `stall_s`; (rows, when)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows, last_change = 0, time.monotonic()
+        while True:
+            now_rows = int(await conn.fetchval("SELECT count(*) FROM zaehler_rohdaten"))
+            now = time.monotonic()
+            if now_rows >= expected:
+                return now_rows, now
+            if now_rows != rows:
+                rows, last_change = now_rows, now
+            elif now - last_change > stall_s:
+                return rows, last_change
+            await asyncio.sleep(poll_s)
+    finally:
+        await conn.close()
+
+
+def throughput(
+    stack: Stack, kind: str, load: Load, logdir: Path, stall_s: float, profile: Path | None = None
+) -> Result:
+    """Closed loop: every publisher at full speed; time from the first publish to the last row
+    (for `raw`: to the last message counted)."""
+    result = Result(kind, "closed", load.total)
+    with stack.environment(kind) as env:
+        database_url = env["PIPELINE_DATABASE_URL"]
+        asyncio.run(prepare(database_url, load))
+        system = systems.start(
+            kind,
+            mqtt_port=stack.mqtt_port,
+            expected=load.total,
+            env=env,
+            logdir=logdir,
+            profile=profile,
+        )
+        cpu_before = system.cpu_s()
+        try:
+            publishers = loadgen.spawn_publishers(load, stack.mqtt_port, uuid.uuid4().hex[:6])
+            started = loadgen.closed_loop(publishers, load)
+            if kind == "raw":
+                done = system.done_at()
+                result.stored = load.total if done is not None else 0
+                result.seconds = (done or time.monotonic()) - started
+            else:
+                rows, when = asyncio.run(wait_for_rows(database_url, load.total, stall_s))
+                result.stored, result.seconds = rows, when - started
+            result.notes += loadgen.finish(publishers)
+            result.peak_rss_mib = system.peak_rss_mib()
+            result.cpu_s = system.cpu_s() - cpu_before
+        finally:
+            system.stop()
+    return result
+
+
+class CommitClock:
+    """Listens for the trigger's notifications and notes when each row was committed."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        self.committed: dict[tuple[int, int], float] = {}
+        self._conn: asyncpg.Connection | None = None
+
+    async def __aenter__(self) -> CommitClock:
+        self._conn = await asyncpg.connect(self.database_url)
+        await self._conn.add_listener("bench_rows", self._on_row)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+    def _on_row(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        now = time.monotonic()
+        unit, epoch = payload.split()
+        index = round((float(epoch) - loadgen.EPOCH.timestamp()) / 60)
+        self.committed.setdefault((int(unit), index), now)
+
+
+def latency(
+    stack: Stack, kind: str, load: Load, rate_per_s: float, logdir: Path, stall_s: float
+) -> Result:
+    """Open loop at `rate_per_s`: latency of each reading from its scheduled publish time to
+    the commit of its row, in an HDR histogram."""
+    from hdrh.histogram import HdrHistogram
+
+    result = Result(kind, "open", load.total)
+    with stack.environment(kind) as env:
+        database_url = env["PIPELINE_DATABASE_URL"]
+        asyncio.run(prepare(database_url, load))
+        system = systems.start(
+            kind, mqtt_port=stack.mqtt_port, expected=load.total, env=env, logdir=logdir
+        )
+        try:
+            publishers = loadgen.spawn_publishers(load, stack.mqtt_port, uuid.uuid4().hex[:6])
+            pacer = loadgen.Pacer(publishers, load, rate_per_s)
+
+            async def measure() -> CommitClock:
+                async with CommitClock(database_url) as clock:
+                    pacer.start()
+                    await asyncio.to_thread(pacer.join)
+                    await wait_for_rows(database_url, load.total, stall_s)
+                    await asyncio.sleep(0.2)  # the last notifications are on their way
+                    return clock
+
+            clock = asyncio.run(measure())
+            result.notes += loadgen.finish(publishers)
+            result.peak_rss_mib = system.peak_rss_mib()
+        finally:
+            system.stop()
+    histogram = HdrHistogram(1, 600_000_000, 3)  # microseconds, up to 10 minutes
+    for key, due in pacer.scheduled.items():
+        committed = clock.committed.get(key)
+        if committed is not None:
+            histogram.record_value(max(int((committed - due) * 1e6), 1))
+    result.stored = len(clock.committed)
+    result.seconds = load.total / rate_per_s
+    result.latency_ms = {
+        f"p{p:g}": round(histogram.get_value_at_percentile(p) / 1000, 2) for p in (50, 90, 99)
+    }
+    result.latency_ms["max"] = round(histogram.get_max_value() / 1000, 2)
+    if pacer.late_s > 0.005:
+        result.notes.append(f"the pacer itself fell {pacer.late_s * 1000:.0f} ms behind")
+    return result

@@ -1,0 +1,164 @@
+"""The systems under test, each a set of processes: start, wait until ready, measure, stop.
+
+`raw` and `naive` are the reference subscribers of `bench.subscribers`; `fused` is one
+`pipeline run --mode fused` process; `split` is one `pipeline run --mode split --stage X` process
+per stage, as an operator scales them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.devstack import free_port
+
+SPLIT_STAGES = ("mqtt_bridge", "validate", "dedupe", "persist", "window_aggregate", "publish")
+KINDS = ("raw", "naive", "fused", "split")
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    http_port: int | None = None
+    profiler: subprocess.Popen[bytes] | None = None
+
+    def peak_rss_mib(self) -> float:
+        """The process's peak resident set (VmHWM), 0 when it is gone or not on Linux."""
+        try:
+            status = Path(f"/proc/{self.popen.pid}/status").read_text()
+        except OSError:
+            return 0.0
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def cpu_s(self) -> float:
+        """User plus system CPU time the process has used so far."""
+        try:
+            fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mib(self) -> float:
+        try:
+            fields = Path(f"/proc/{self.popen.pid}/statm").read_text().split()
+        except OSError:
+            return 0.0
+        return int(fields[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def healthy(self) -> bool:
+        url = f"http://127.0.0.1:{self.http_port}/health"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.HTTPError, OSError):
+            return False
+
+
+@dataclass
+class System:
+    kind: str
+    procs: list[Proc] = field(default_factory=list)
+
+    def peak_rss_mib(self) -> dict[str, float]:
+        return {p.name: round(p.peak_rss_mib(), 1) for p in self.procs}
+
+    def cpu_s(self) -> float:
+        return sum(p.cpu_s() for p in self.procs)
+
+    def rss_mib(self) -> float:
+        return sum(p.rss_mib() for p in self.procs)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.profiler is not None:
+                p.profiler.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
+                p.profiler.wait(30)
+        for p in self.procs:
+            if p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.popen.wait(20)
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait()
+
+    def done_at(self) -> float | None:
+        """For the reference subscribers: when they reported every message seen (monotonic)."""
+        for p in self.procs:
+            out = p.popen.stdout
+            if out is None:
+                continue
+            line = out.readline().decode()
+            if line.startswith("done"):
+                return float(line.split()[1])
+        return None
+
+
+def start(
+    kind: str,
+    *,
+    mqtt_port: int,
+    expected: int,
+    env: dict[str, str],
+    logdir: Path,
+    profile: Path | None = None,
+) -> System:
+    system = System(kind)
+    if kind in ("raw", "naive"):
+        argv = [sys.executable, "-m", "bench.subscribers", kind, str(mqtt_port), str(expected)]
+        if kind == "naive":
+            argv.append(env["PIPELINE_DATABASE_URL"])
+        popen = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=(logdir / f"{kind}.log").open("wb")
+        )
+        system.procs.append(Proc(kind, popen))
+        assert popen.stdout is not None
+        line = popen.stdout.readline().decode().strip()
+        if line != "ready":
+            system.stop()
+            raise RuntimeError(f"{kind} subscriber did not start: {line!r}")
+        return system
+    groups = [[]] if kind == "fused" else [["--stage", s] for s in SPLIT_STAGES]
+    for args in groups:
+        name = "fused" if kind == "fused" else args[1]
+        port = free_port()
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "run", "--mode", kind, *args],
+            env={**os.environ, **env, "PIPELINE_HTTP_PORT": str(port)},
+            stdout=subprocess.DEVNULL,
+            stderr=(logdir / f"{kind}-{name}.log").open("wb"),
+            stdin=subprocess.DEVNULL,
+        )
+        proc = Proc(name, popen, port)
+        if profile is not None:
+            proc.profiler = _profile(popen.pid, profile / f"{kind}-{name}.txt")
+        system.procs.append(proc)
+    deadline = time.monotonic() + 60
+    while not all(p.healthy() for p in system.procs):
+        if time.monotonic() > deadline or any(p.popen.poll() is not None for p in system.procs):
+            system.stop()
+            raise RuntimeError(f"{kind} workers did not become healthy; see {logdir}")
+        time.sleep(0.1)
+    return system
+
+
+def _profile(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling `pid` from outside, so the profile costs the worker next to nothing;
+    collapsed stacks (`--format raw`), which `bench.profile` sums per function."""
+    return subprocess.Popen(
+        ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "250", "-o", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
