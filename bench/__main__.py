@@ -28,6 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default=",".join(KINDS), help=f"subset of {','.join(KINDS)}")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="JSON/PNG/table")
     p.add_argument("--stall-seconds", type=float, default=20.0, help="give up after no progress")
+    p.add_argument(
+        "--nats-sync",
+        choices=("always", "default"),
+        default="always",
+        help="JetStream fsync on every write (as deployed) or nats-server's default interval",
+    )
     p.add_argument("--profile", action="store_true", help="py-spy the fused run's worker")
     p.add_argument("--soak", action="store_true", help="soak the fused pipeline instead")
     p.add_argument("--soak-minutes", type=float, default=10.0)
@@ -42,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown system(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="messwerte-bench-"))
-    stack = Stack(workdir)
+    stack = Stack(workdir, nats_sync_always=args.nats_sync == "always")
     try:
         if args.soak:
             return _soak(stack, args, workdir)
@@ -82,6 +88,7 @@ def _bench(stack: Stack, args: argparse.Namespace, kinds: list[str], workdir: Pa
         "publishers": args.publishers,
         "publisher": publisher_argv(0, "t", "c")[1],
         "broker": stack.broker_name,
+        "nats_sync": args.nats_sync,
         "rate": args.rate,
         "latency_messages": open_load.total,
         "machine": report.machine(),

@@ -1,7 +1,8 @@
 """Runs the systems on the same load, one after the other, against the same servers.
 
 Servers (mosquitto, or nats-server's MQTT listener where mosquitto is missing; nats-server with
-JetStream synced on every write; PostgreSQL with fsync) start once in a temporary directory.
+JetStream synced on every write, as `deploy/` configures it, unless asked otherwise; PostgreSQL
+with fsync) start once in a temporary directory.
 Every run gets a fresh database and, for the pipeline, a fresh NATS server, so no run inherits
 another's backlog.
 """
@@ -59,8 +60,9 @@ class Result:
 
 
 class Stack:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, nats_sync_always: bool = True) -> None:
         self.workdir = workdir
+        self.nats_sync_always = nats_sync_always
         self.postgres = Postgres(workdir / "pg").start()
         self.broker: Any
         if mosquitto_binary():
@@ -93,7 +95,9 @@ class Stack:
         }
         nats = None
         if kind in ("fused", "split"):
-            nats = NatsServer(self.workdir / f"nats-{self.runs}", sync_always=True).start()
+            nats = NatsServer(
+                self.workdir / f"nats-{self.runs}", sync_always=self.nats_sync_always
+            ).start()
             env["PIPELINE_NATS_URL"] = nats.url
         try:
             yield env
