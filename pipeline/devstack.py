@@ -320,10 +320,14 @@ class Mosquitto(_Process):
 
     name = "mosquitto"
 
-    def __init__(self, workdir: Path, *, extra_config: str = "") -> None:
+    def __init__(
+        self, workdir: Path, *, extra_config: str = "", stock_limits: bool = False
+    ) -> None:
         super().__init__(workdir)
         self.port = free_port()
         self.extra_config = extra_config
+        #: mosquitto's own defaults: 20 in flight per client, 1000 queued behind them.
+        self.stock_limits = stock_limits
 
     @property
     def url(self) -> str:
@@ -335,15 +339,16 @@ class Mosquitto(_Process):
             raise FileNotFoundError("mosquitto is not installed")
         self.workdir.chmod(0o777)
         config = self.workdir / "mosquitto.conf"
+        limits = (
+            "" if self.stock_limits else "max_inflight_messages 1000\nmax_queued_messages 1000000\n"
+        )
         config.write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             f"user {getpass.getuser()}\n"
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"
-            "max_inflight_messages 1000\n"
-            "max_queued_messages 1000000\n"
-            f"{self.extra_config}"
+            f"{limits}{self.extra_config}"
         )
         self._spawn([binary, "-c", str(config)])
         wait_for_port(self.port, proc=self.proc)
