@@ -102,3 +102,15 @@ def test_collapse_keeps_the_later_reading_of_a_key() -> None:
 def test_collapse_orders_by_key() -> None:
     batch = [reading(1, unit=3), reading(2, unit=1), reading(3, unit=2)]
     assert [r.einheit_id for r in collapse(batch)] == [1, 2, 3]
+
+
+def test_dedupe_forgets_the_least_recently_seen_key_beyond_its_capacity() -> None:
+    """Bounded memory: with room for two keys, a third evicts the one seen longest ago, whose
+    repeat then passes on (persist's upsert ignores it); a recently seen one is still caught."""
+    dedupe = Dedupe(capacity=2)
+    dedupe(reading(1, unit=1))
+    dedupe(reading(2, unit=2))
+    assert dedupe(reading(3, unit=1)) == []  # unit 1 seen again: now the most recent
+    dedupe(reading(4, unit=3))  # evicts unit 2
+    assert dedupe(reading(5, unit=2)) == [reading(5, unit=2)]  # evicts unit 1
+    assert dedupe(reading(6, unit=3)) == []
