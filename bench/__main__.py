@@ -64,6 +64,8 @@ def _bench(stack: Stack, args: argparse.Namespace, kinds: list[str], workdir: Pa
     open_load = make_load(int(args.rate * args.latency_seconds), args.publishers, seed=2)
     results: list[Result] = []
     profile = args.out if args.profile else None
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
     for kind in kinds:
         print(f"{kind}: {closed_load.total:,} readings, closed loop ...", flush=True)
         r = throughput(
