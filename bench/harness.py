@@ -174,18 +174,18 @@ def throughput(
         )
         cpu_before = system.cpu_s()
         try:
-            publishers = loadgen.spawn_publishers(load, stack.mqtt_port, uuid.uuid4().hex[:6])
-            started = loadgen.closed_loop(publishers, load)
-            if kind == "raw":
-                done = system.done_at()
-                result.stored = load.total if done is not None else 0
-                result.seconds = (done or time.monotonic()) - started
-            else:
-                rows, when = asyncio.run(wait_for_rows(database_url, load.total, stall_s))
-                result.stored, result.seconds = rows, when - started
-            result.notes += loadgen.finish(publishers)
-            result.peak_rss_mib = system.peak_rss_mib()
-            result.cpu_s = system.cpu_s() - cpu_before
+            with loadgen.publishing(load, stack.mqtt_port, uuid.uuid4().hex[:6]) as publishers:
+                started = loadgen.closed_loop(publishers, load)
+                if kind == "raw":
+                    done = system.done_at()
+                    result.stored = load.total if done is not None else 0
+                    result.seconds = (done or time.monotonic()) - started
+                else:
+                    rows, when = asyncio.run(wait_for_rows(database_url, load.total, stall_s))
+                    result.stored, result.seconds = rows, when - started
+                result.notes += loadgen.finish(publishers)
+                result.peak_rss_mib = system.peak_rss_mib()
+                result.cpu_s = system.cpu_s() - cpu_before
         finally:
             system.stop()
     return result
@@ -230,20 +230,20 @@ def latency(
             kind, mqtt_port=stack.mqtt_port, expected=load.total, env=env, logdir=logdir
         )
         try:
-            publishers = loadgen.spawn_publishers(load, stack.mqtt_port, uuid.uuid4().hex[:6])
-            pacer = loadgen.Pacer(publishers, load, rate_per_s)
+            with loadgen.publishing(load, stack.mqtt_port, uuid.uuid4().hex[:6]) as publishers:
+                pacer = loadgen.Pacer(publishers, load, rate_per_s)
 
-            async def measure() -> CommitClock:
-                async with CommitClock(database_url) as clock:
-                    pacer.start()
-                    await asyncio.to_thread(pacer.join)
-                    await wait_for_rows(database_url, load.total, stall_s)
-                    await asyncio.sleep(0.2)  # the last notifications are on their way
-                    return clock
+                async def measure() -> CommitClock:
+                    async with CommitClock(database_url) as clock:
+                        pacer.start()
+                        await asyncio.to_thread(pacer.join)
+                        await wait_for_rows(database_url, load.total, stall_s)
+                        await asyncio.sleep(0.2)  # the last notifications are on their way
+                        return clock
 
-            clock = asyncio.run(measure())
-            result.notes += loadgen.finish(publishers)
-            result.peak_rss_mib = system.peak_rss_mib()
+                clock = asyncio.run(measure())
+                result.notes += loadgen.finish(publishers)
+                result.peak_rss_mib = system.peak_rss_mib()
         finally:
             system.stop()
     histogram = HdrHistogram(1, 600_000_000, 3)  # microseconds, up to 10 minutes

@@ -11,6 +11,7 @@ omission).
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -92,6 +93,19 @@ def spawn_publishers(load: Load, mqtt_port: int, run_id: str) -> list[subprocess
             )
         )
     return procs
+
+
+@contextlib.contextmanager
+def publishing(load: Load, mqtt_port: int, run_id: str) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """The publishers of `load`; whichever are still running at the end are killed."""
+    procs = spawn_publishers(load, mqtt_port, run_id)
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def closed_loop(procs: Sequence[subprocess.Popen[bytes]], load: Load) -> float:

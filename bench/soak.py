@@ -62,30 +62,30 @@ def soak(stack: Stack, rate_per_s: float, minutes: float, logdir: Path) -> Soak:
             "fused", mqtt_port=stack.mqtt_port, expected=load.total, env=env, logdir=logdir
         )
         try:
-            publishers = loadgen.spawn_publishers(load, stack.mqtt_port, uuid.uuid4().hex[:6])
-            pacer = loadgen.Pacer(publishers, load, rate_per_s)
+            with loadgen.publishing(load, stack.mqtt_port, uuid.uuid4().hex[:6]) as publishers:
+                pacer = loadgen.Pacer(publishers, load, rate_per_s)
 
-            async def run() -> None:
-                conn = await asyncpg.connect(database_url)
-                try:
-                    pacer.start()
-                    started = time.monotonic()
-                    while pacer.is_alive():
-                        await asyncio.sleep(SAMPLE_S)
-                        rows = int(await conn.fetchval("SELECT count(*) FROM zaehler_rohdaten"))
-                        sample = {
-                            "t_s": round(time.monotonic() - started, 1),
-                            "rss_mib": round(system.rss_mib(), 1),
-                            "lag": len(pacer.scheduled) - rows,
-                        }
-                        result.samples.append(sample)
-                        print(f"soak {sample}", flush=True)
-                finally:
-                    await conn.close()
-                result.stored, _ = await wait_for_rows(database_url, load.total, stall_s=30)
+                async def run() -> None:
+                    conn = await asyncpg.connect(database_url)
+                    try:
+                        pacer.start()
+                        started = time.monotonic()
+                        while pacer.is_alive():
+                            await asyncio.sleep(SAMPLE_S)
+                            rows = int(await conn.fetchval("SELECT count(*) FROM zaehler_rohdaten"))
+                            sample = {
+                                "t_s": round(time.monotonic() - started, 1),
+                                "rss_mib": round(system.rss_mib(), 1),
+                                "lag": len(pacer.scheduled) - rows,
+                            }
+                            result.samples.append(sample)
+                            print(f"soak {sample}", flush=True)
+                    finally:
+                        await conn.close()
+                    result.stored, _ = await wait_for_rows(database_url, load.total, stall_s=30)
 
-            asyncio.run(run())
-            loadgen.finish(publishers)
+                asyncio.run(run())
+                loadgen.finish(publishers)
         finally:
             system.stop()
     return result

@@ -179,7 +179,7 @@ class Pipeline:
             impls["validate"] = Validate(EinheitCache(pool), max_payload_bytes=s.max_payload_bytes)
             impls["persist"] = Persist(pool)
             impls["window_aggregate"] = window
-        impls["dedupe"] = Dedupe()
+        impls["dedupe"] = Dedupe(capacity=s.dedupe_capacity)
         sink: Sink | None = None
         for group in chains(self.stages, self.mode):
             steps = [Step(BY_NAME[name], impls[name]) for name in group]

@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     http_host: str = "0.0.0.0"
     max_payload_bytes: int = Field(default=64 * 1024, gt=0)
     batch_size: int = Field(default=500, gt=0)
+    dedupe_capacity: int = Field(
+        default=100_000,
+        gt=0,
+        description="(unit, timestamp) keys dedupe remembers, about 400 bytes each",
+    )
     mqtt_protocol: Literal["auto", "5", "3.1.1"] = Field(
         default="auto", description="auto: MQTT 5 where the broker has it, else 3.1.1"
     )

@@ -23,7 +23,7 @@ from datetime import datetime
 
 from schemas.messages import Reading
 
-DEFAULT_CAPACITY = 1_000_000
+DEFAULT_CAPACITY = 100_000
 
 Key = tuple[int, datetime]
 State = tuple[str, tuple[datetime, int]]
