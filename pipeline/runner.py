@@ -1,7 +1,9 @@
 """Runs a chain of stages behind one durable JetStream pull consumer.
 
 In split mode every chain is a single stage; in fused mode consecutive stages share one
-process and one consumer, handing messages on in memory, with JetStream only at the edges.
+process and one consumer, handing messages on in memory, with JetStream only at the edges. A
+fused bridge in the same process feeds the chain directly (`run_items`) and acknowledges to
+the MQTT broker when that returns; the consumer then only takes what a split bridge left.
 Either way the same stage callables run and the same rules hold (design §10):
 
 * a batch's input is acknowledged only after every output is stored (next subject or DB);

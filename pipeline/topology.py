@@ -75,6 +75,8 @@ class Stage:
     writes: Mapping[type, Route] = field(default_factory=dict)
 
 
+# Fused with validate in one process, the bridge hands its batches to validate in memory
+# instead of publishing them to `ingest.…` (pipeline/app.py).
 # fmt: off
 STAGES: tuple[Stage, ...] = (
     #     name                reads                     stream       consumes        writes
