@@ -8,6 +8,7 @@ per stage, as an operator scales them.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -94,15 +95,23 @@ class System:
                 p.popen.kill()
                 p.popen.wait()
 
-    def done_at(self) -> float | None:
-        """For the reference subscribers: when they reported every message seen (monotonic)."""
+    def done_at(self, timeout_s: float) -> float | None:
+        """For the reference subscribers: when they reported every message seen (monotonic);
+        None if they did not within `timeout_s` (messages were lost)."""
+        deadline = time.monotonic() + timeout_s
         for p in self.procs:
             out = p.popen.stdout
             if out is None:
                 continue
-            line = out.readline().decode()
-            if line.startswith("done"):
-                return float(line.split()[1])
+            while (left := deadline - time.monotonic()) > 0:
+                readable, _, _ = select.select([out], [], [], left)
+                if not readable:
+                    break
+                line = out.readline().decode()
+                if not line:  # the subscriber exited
+                    break
+                if line.startswith("done"):
+                    return float(line.split()[1])
         return None
 
 
