@@ -316,16 +316,24 @@ def mosquitto_binary() -> str | None:
 
 
 class Mosquitto(_Process):
-    """mosquitto on a free port with persistence in `workdir`; anonymous access, loopback only."""
+    """mosquitto on a free port with persistence in `workdir`, loopback only; anonymous access
+    unless told otherwise."""
 
     name = "mosquitto"
 
     def __init__(
-        self, workdir: Path, *, extra_config: str = "", stock_limits: bool = False
+        self,
+        workdir: Path,
+        *,
+        extra_config: str = "",
+        stock_limits: bool = False,
+        anonymous: bool = True,
     ) -> None:
         super().__init__(workdir)
         self.port = free_port()
         self.extra_config = extra_config
+        #: False: clients must log in (give password_file and acl_file in `extra_config`).
+        self.anonymous = anonymous
         #: mosquitto's own defaults: 20 in flight per client, 1000 queued behind them.
         self.stock_limits = stock_limits
 
@@ -344,7 +352,7 @@ class Mosquitto(_Process):
         )
         config.write_text(
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            f"allow_anonymous {'true' if self.anonymous else 'false'}\n"
             f"user {getpass.getuser()}\n"
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"

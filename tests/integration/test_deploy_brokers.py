@@ -87,3 +87,50 @@ async def test_shipped_mosquitto_config_keeps_the_bridges_queue_across_a_restart
         assert got == set(range(sent))
     finally:
         broker.stop()
+
+
+ACL = DEPLOY / "mosquitto" / "acl"
+ORG_A = "550e8400-e29b-41d4-a716-446655440000"
+ORG_B = "6ba7b810-9dad-11d1-80b4-00c04fd430c8"
+
+
+@pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
+async def test_shipped_acl_lets_an_organisation_publish_only_under_its_own_id(
+    tmp_path: Path,
+) -> None:
+    """A real mosquitto with the shipped ACL and a password file made like the compose file
+    makes it: org A's user publishes to its own topic and to org B's; the bridge's user, reading
+    everything, gets A's own reading only. Nobody gets in without a password."""
+    passwords = tmp_path / "passwords"
+    for user, password in (("messwerte-bridge", "b-secret"), (ORG_A, "a-secret")):
+        subprocess.run(
+            ["mosquitto_passwd", "-b", *(["-c"] if not passwords.exists() else []),
+             str(passwords), user, password],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    passwords.chmod(0o644)
+    broker = Mosquitto(
+        tmp_path / "mosquitto",
+        anonymous=False,
+        extra_config=f"password_file {passwords}\nacl_file {ACL}\n",
+    ).start()
+    try:
+        async with aiomqtt.Client(
+            "127.0.0.1", broker.port, username="messwerte-bridge", password="b-secret"
+        ) as bridge:
+            await bridge.subscribe("zev/+/+/messwert", qos=1)
+            async with aiomqtt.Client(
+                "127.0.0.1", broker.port, username=ORG_A, password="a-secret"
+            ) as org_a:
+                await org_a.publish(f"zev/{ORG_B}/7/messwert", b"not yours", qos=1)
+                await org_a.publish(f"zev/{ORG_A}/1/messwert", b"own", qos=1)
+            async with asyncio.timeout(10):
+                message = await anext(bridge.messages)
+            # The broker keeps order per publisher: had B's topic passed, it would come first.
+            assert (message.topic.value, message.payload) == (f"zev/{ORG_A}/1/messwert", b"own")
+        for credentials in ({}, {"username": ORG_A, "password": "wrong"}):
+            with pytest.raises(aiomqtt.MqttError):
+                async with aiomqtt.Client("127.0.0.1", broker.port, **credentials):
+                    pass
+    finally:
+        broker.stop()
