@@ -129,10 +129,10 @@ async def test_shipped_acl_lets_an_organisation_publish_only_under_its_own_id(
             # The broker keeps order per publisher: had B's topic passed, it would come first.
             assert (message.topic.value, message.payload) == (f"zev/{ORG_A}/1/messwert", b"own")
         attempts: list[tuple[str | None, str | None]] = [(None, None), (ORG_A, "wrong")]
-        for username, password in attempts:
+        for login, secret in attempts:
             with pytest.raises(aiomqtt.MqttError):
                 async with aiomqtt.Client(
-                    "127.0.0.1", broker.port, username=username, password=password
+                    "127.0.0.1", broker.port, username=login, password=secret
                 ):
                     pass
     finally:
