@@ -110,7 +110,7 @@ class Pipeline:
         tasks: list[asyncio.Task[Any]] = []
         http = None
         try:
-            await self._until_up("nats", lambda: declare_streams(js))
+            await self._until_up("nats", lambda: declare_streams(js, s.stream_replicas))
             if DB_STAGES & set(self.stages):
                 if self.auto_migrate:
                     await self._until_up("postgresql", lambda: migrate(s.database_url))
@@ -190,6 +190,7 @@ class Pipeline:
                 self.stop,
                 batch_size=s.batch_size,
                 redelivery=Redelivery(ack_wait_s=s.ack_wait_seconds, max_deliver=s.max_deliver),
+                replicas=s.stream_replicas,
             )
             self.health.components[f"stage:{runner.name}"] = Probe(
                 lambda r=runner: r.healthy, lambda r=runner: {"last_error": r.last_error}
@@ -205,7 +206,9 @@ class Pipeline:
             bridge = MqttBridge(s, js, self.metrics, mqtt_health, self.stop, sink)
             tasks.append(asyncio.create_task(bridge.run(), name="mqtt_bridge"))
         if pool is not None and "publish" in self.stages:
-            publisher = OutboxPublisher(pool, s.database_url, js, self.metrics, self.stop)
+            publisher = OutboxPublisher(
+                pool, s.database_url, js, self.metrics, self.stop, s.stream_replicas
+            )
             self.health.components["publish"] = Probe(lambda: publisher.healthy)
             tasks.append(asyncio.create_task(publisher.run(), name="publish"))
         return tasks

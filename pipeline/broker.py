@@ -33,9 +33,10 @@ def make_broker(servers: list[str], name: str = "messwerte-pipeline") -> NatsBro
     )
 
 
-async def declare_streams(js: Any) -> None:
+async def declare_streams(js: Any, replicas: int = 1) -> None:
+    """Every stream of the topology, with `replicas` copies (PIPELINE_STREAM_REPLICAS)."""
     for stream in STREAMS:
-        config = stream.config()
+        config = stream.config(replicas)
         try:
             await js.stream_info(stream.name)
         except NotFoundError:

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     http_host: str = "0.0.0.0"
     max_payload_bytes: int = Field(default=64 * 1024, gt=0)
     batch_size: int = Field(default=500, gt=0)
+    stream_replicas: int = Field(
+        default=1, ge=1, le=5, description="replicas of every stream: 3 on a 3-node cluster"
+    )
     dedupe_capacity: int = Field(
         default=100_000,
         gt=0,

@@ -112,8 +112,9 @@ async def import_csv(
     summary = ImportSummary()
     try:
         js = nc.jetstream()
-        await declare_streams(js)
-        out = JetStreamOut(js, asyncio.Event())  # never set: an import retries until stored
+        await declare_streams(js, settings.stream_replicas)
+        # The stop event is never set: an import retries until stored.
+        out = JetStreamOut(js, asyncio.Event(), replicas=settings.stream_replicas)
         batch: list[tuple[str, bytes, dict[str, str]]] = []
         with path.open(newline="", encoding="utf-8-sig") as handle:
             for message in rows_to_messages(csv.DictReader(handle), units):

@@ -29,13 +29,19 @@ CLAIM_LIMIT = 500
 
 class OutboxPublisher:
     def __init__(
-        self, pool: TimedPool, dsn: str, js: Any, metrics: Metrics, stop: asyncio.Event
+        self,
+        pool: TimedPool,
+        dsn: str,
+        js: Any,
+        metrics: Metrics,
+        stop: asyncio.Event,
+        replicas: int = 1,
     ) -> None:
         self._pool = pool
         self._dsn = dsn
         self._metrics = metrics
         self._stop = stop
-        self._out = JetStreamOut(js, stop)
+        self._out = JetStreamOut(js, stop, replicas=replicas)
         self._wake = asyncio.Event()
         self.healthy = False
 

@@ -118,10 +118,13 @@ def count_reject(metrics: Metrics, reason: RejectReason) -> None:
 class JetStreamOut:
     """Publishes a batch of outputs and returns once JetStream has stored every one."""
 
-    def __init__(self, js: Any, stop: asyncio.Event, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, js: Any, stop: asyncio.Event, timeout_s: float = 10.0, replicas: int = 1
+    ) -> None:
         self._js = js
         self._stop = stop
         self._timeout_s = timeout_s
+        self.replicas = replicas
 
     async def publish(self, outbound: Sequence[Outbound]) -> None:
         if not outbound:
@@ -138,7 +141,8 @@ class JetStreamOut:
             except Exception as exc:  # NATS away, stream full, timeout: all transient
                 log.warning("publish failed, retrying", error=repr(exc), messages=len(outbound))
                 if isinstance(exc, nats.errors.NoRespondersError):
-                    await _redeclare(self._js)  # no stream takes the subject: it was lost
+                    # No stream takes the subject: it was lost.
+                    await _redeclare(self._js, self.replicas)
                 await backoff.wait()
 
 
@@ -154,6 +158,7 @@ class ChainRunner:
         *,
         batch_size: int = 500,
         redelivery: Redelivery | None = None,
+        replicas: int = 1,
     ) -> None:
         self._js = js
         self.steps = list(steps)
@@ -163,7 +168,7 @@ class ChainRunner:
         self._stop = stop
         self._batch_size = batch_size
         self._redelivery = redelivery or Redelivery()
-        self._out = JetStreamOut(js, stop)
+        self._out = JetStreamOut(js, stop, replicas=replicas)
         self.healthy = False
         self.last_error: str | None = None
         #: Since when fetches have come back empty (None while messages arrive).
@@ -204,7 +209,7 @@ class ChainRunner:
                 self.last_error = repr(exc)
                 log.warning("consumer not ready, retrying", stage=self.name, error=repr(exc))
                 if isinstance(exc, nats.js.errors.NotFoundError):
-                    await _redeclare(self._js)  # its stream was lost
+                    await _redeclare(self._js, self._out.replicas)  # its stream was lost
                 try:
                     await backoff.wait()
                 except Abandoned:
@@ -440,10 +445,10 @@ class ChainRunner:
                 self._stalled.set()
 
 
-async def _redeclare(js: Any) -> None:
+async def _redeclare(js: Any, replicas: int) -> None:
     """Create the streams again that a server lost (deleted, or restarted without its store)."""
     try:
-        await declare_streams(js)
+        await declare_streams(js, replicas)
         log.warning("streams declared again")
     except Exception as exc:
         log.debug("streams could not be declared", error=repr(exc))

@@ -32,8 +32,9 @@ class Stream:
     # which fails on small disks even while the stream is empty.
     max_msgs: int = 20_000_000
 
-    def config(self) -> StreamConfig:
+    def config(self, replicas: int = 1) -> StreamConfig:
         return StreamConfig(
+            num_replicas=replicas,
             name=self.name,
             subjects=list(self.subjects),
             retention=RetentionPolicy.WORK_QUEUE if self.work_queue else RetentionPolicy.LIMITS,

@@ -49,3 +49,15 @@ def test_unsupported_mqtt_scheme_is_refused(monkeypatch: pytest.MonkeyPatch) -> 
 def test_passwords_are_redacted_for_logs() -> None:
     assert redact("postgresql://app:hunter2@db:5432/zev") == "postgresql://app:***@db:5432/zev"
     assert redact("postgresql://postgres@db/zev") == "postgresql://postgres@db/zev"
+
+
+def test_stream_replicas_reach_every_stream_config(monkeypatch) -> None:
+    """PIPELINE_STREAM_REPLICAS=3 (a 3-node cluster, deploy/nats/cluster) gives every stream
+    three replicas; one by default."""
+    from pipeline.config import Settings
+    from pipeline.topology import STREAMS
+
+    monkeypatch.setenv("PIPELINE_STREAM_REPLICAS", "3")
+    replicas = Settings().stream_replicas
+    assert {s.config(replicas).num_replicas for s in STREAMS} == {3}
+    assert {s.config().num_replicas for s in STREAMS} == {1}
