@@ -1,0 +1,169 @@
+"""What can be checked of deploy/ without a container engine: every file parses, and the files
+agree with each other and with the code (service names, ports, env vars, metric names)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import Settings
+from pipeline.devstack import nats_server_binary
+from pipeline.metrics import Metrics
+from pipeline.topology import STAGE_NAMES
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+SETTINGS = {f"PIPELINE_{name.upper()}" for name in Settings.model_fields}
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())  # type: ignore[no-any-return]
+
+
+def k8s_docs() -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def metric_names() -> set[str]:
+    """Every sample name a worker exports (counters with _total, histograms with _bucket…)."""
+    names = set()
+    for family in Metrics().registry.collect():
+        names.add(family.name)
+        names.update(f"{family.name}{suffix}" for suffix in ("_total", "_bucket", "_sum", "_count"))
+    return names
+
+
+def test_compose_runs_every_stage_as_its_own_split_worker() -> None:
+    services = compose()["services"]
+    for stage in STAGE_NAMES:
+        assert services[stage]["command"] == ["run", "--mode", "split", "--stage", stage]
+    assert services["migrate"]["command"] == ["migrate"]
+    for infra in ("mosquitto", "nats", "postgres", "prometheus", "grafana"):
+        assert infra in services
+
+
+def test_compose_workers_wait_for_the_migration_and_set_only_real_settings() -> None:
+    services = compose()["services"]
+    for stage in STAGE_NAMES:
+        depends = services[stage]["depends_on"]
+        assert depends["migrate"]["condition"] == "service_completed_successfully"
+        env = services[stage]["environment"]
+        assert set(env) <= SETTINGS, set(env) - SETTINGS
+        assert env["PIPELINE_NATS_URL"] == "nats://nats:4222"
+        assert "@mosquitto:1883" in env["PIPELINE_MQTT_URL"]
+        assert "@postgres:5432/" in env["PIPELINE_DATABASE_URL"]
+
+
+def test_compose_ships_no_secret_and_mounts_files_that_exist() -> None:
+    text = (DEPLOY / "docker-compose.yml").read_text()
+    for secret in ("BRIDGE_PASSWORD", "POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
+        assert re.search(rf"\$\{{{secret}:\?", text), f"{secret} must be required, not defaulted"
+    for service in compose()["services"].values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("./"):
+                assert (DEPLOY / source).exists(), source
+
+
+def test_compose_mosquitto_uses_the_shipped_config_acl_and_generated_passwords() -> None:
+    services = compose()["services"]
+    conf = (DEPLOY / "mosquitto" / "mosquitto.conf").read_text()
+    password_file = re.search(r"^password_file (\S+)", conf, re.M)
+    acl_file = re.search(r"^acl_file (\S+)", conf, re.M)
+    assert password_file
+    assert acl_file
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in services["mosquitto"]["volumes"]}
+    assert mounts[acl_file.group(1)] == "./mosquitto/acl"
+    secrets_dir = str(Path(password_file.group(1)).parent)
+    writer = services["mosquitto-passwords"]
+    assert any(v.endswith(f":{secrets_dir}") for v in writer["volumes"])
+    assert password_file.group(1) in "\n".join(writer["entrypoint"])
+
+
+def test_prometheus_scrapes_every_stage_service_on_the_workers_http_port() -> None:
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "messwerte")
+    sd = job["dns_sd_configs"][0]
+    assert set(sd["names"]) == set(STAGE_NAMES)
+    port = compose()["services"]["persist"]["environment"]["PIPELINE_HTTP_PORT"]
+    assert sd["port"] == int(port)
+    assert job["metrics_path"] == "/metrics"
+
+
+def test_grafana_dashboard_queries_only_metrics_the_workers_export() -> None:
+    datasource = yaml.safe_load(
+        (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )["datasources"][0]
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "messwerte.json").read_text())
+    known = metric_names()
+    used = set()
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == datasource["uid"]
+        for target in panel["targets"]:
+            used |= set(re.findall(r"\b(?:zev|pipeline)_[a-z_]+", target["expr"]))
+    assert used <= known, used - known
+    # What the issue asks the dashboard to show: throughput, lag, rejects, aggregation, retries.
+    for metric in (
+        "pipeline_stage_messages_in_total",
+        "pipeline_consumer_pending_messages",
+        "pipeline_rejects_total",
+        "zev_aggregation_runs_total",
+        "zev_aggregation_duration_seconds_bucket",
+        "pipeline_retry_queue_depth",
+    ):
+        assert metric in used, metric
+
+
+def test_kubernetes_workers_probe_health_and_take_config_from_configmap_and_secret() -> None:
+    docs = k8s_docs()
+    config = next(d for d in docs if d["kind"] == "ConfigMap")
+    secret = next(d for d in docs if d["kind"] == "Secret")
+    assert set(config["data"]) | set(secret["stringData"]) <= SETTINGS
+    port = int(config["data"]["PIPELINE_HTTP_PORT"])
+    deployments = {
+        d["spec"]["template"]["spec"]["containers"][0]["args"][-1]: d
+        for d in docs
+        if d["kind"] == "Deployment"
+    }
+    assert set(deployments) == set(STAGE_NAMES)
+    for stage, deployment in deployments.items():
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        assert container["args"] == ["run", "--mode", "split", "--stage", stage]
+        refs = {next(iter(ref.values()))["name"] for ref in container["envFrom"]}
+        assert refs == {config["metadata"]["name"], secret["metadata"]["name"]}
+        assert container["ports"][0]["containerPort"] == port
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["httpGet"]["path"] == "/health"
+    for single in ("mqtt_bridge", "dedupe"):
+        assert deployments[single]["spec"]["replicas"] == 1
+        assert deployments[single]["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_nats_cluster_config_is_valid_for_each_of_its_three_nodes() -> None:
+    conf = DEPLOY / "nats" / "cluster" / "nats-cluster.conf"
+    routes = re.findall(r"nats-route://(nats-\d)\.", conf.read_text())
+    assert sorted(routes) == ["nats-1", "nats-2", "nats-3"]
+    for node in routes:
+        check = subprocess.run(
+            [nats_server_binary(), "-c", str(conf), "-t"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "SERVER_NAME": node},
+        )
+        assert check.returncode == 0, check.stderr + check.stdout
+
+
+def test_dockerfile_exposes_the_http_port_and_runs_the_cli() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^EXPOSE 8000$", text, re.M)
+    assert "PIPELINE_HTTP_PORT=8000" in text
+    assert re.search(r'^ENTRYPOINT \["pipeline"\]$', text, re.M)
