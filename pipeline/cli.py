@@ -33,6 +33,16 @@ def _parser() -> argparse.ArgumentParser:
         help=f"run only this stage (repeatable): {', '.join(STAGE_NAMES)}",
     )
     run.add_argument("--mode", choices=("split", "fused"), default="fused")
+    spec = verbs.add_parser(
+        "asyncapi", help="write the AsyncAPI document and the JSON Schemas of every message"
+    )
+    spec.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write asyncapi.json and *.schema.json there (default: the document to stdout)",
+    )
     imp = verbs.add_parser("import-csv", help="feed CSV readings through the pipeline (quelle=CSV)")
     imp.add_argument("file", type=Path, metavar="FILE")
     return parser
@@ -75,6 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verb == "run":
         _use_uvloop()
         asyncio.run(_run_workers(settings, args.stage or STAGE_NAMES, args.mode))
+        return 0
+    if args.verb == "asyncapi":
+        from pipeline import asyncapi
+
+        if args.out is None:
+            print(asyncapi.files()["asyncapi.json"], end="")
+            return 0
+        for path in asyncapi.write(args.out):
+            print(f"asyncapi: wrote {path}")
         return 0
     if args.verb == "import-csv":
         from pipeline.csv_import import import_csv
