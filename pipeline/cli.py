@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from uuid import UUID
 
 from pipeline.config import Settings
 from pipeline.logging import configure
@@ -43,6 +44,17 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="write asyncapi.json and *.schema.json there (default: the document to stdout)",
     )
+    tail = verbs.add_parser("tail", help="print messwerte as they are published")
+    tail.add_argument("--org", type=UUID, default=None, metavar="UUID", help="one organization")
+    tail.add_argument("--einheit", type=int, default=None, metavar="ID", help="one unit")
+    tail.add_argument(
+        "--from-start", action="store_true", help="replay the stream first, then follow it"
+    )
+    tail.add_argument(
+        "--durable", default=None, metavar="NAME", help="a durable consumer that resumes"
+    )
+    tail.add_argument("--count", type=int, default=None, metavar="N", help="stop after N")
+    tail.add_argument("--json", action="store_true", help="print each message's JSON")
     imp = verbs.add_parser("import-csv", help="feed CSV readings through the pipeline (quelle=CSV)")
     imp.add_argument("file", type=Path, metavar="FILE")
     return parser
@@ -94,6 +106,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         for path in asyncapi.write(args.out):
             print(f"asyncapi: wrote {path}")
+        return 0
+    if args.verb == "tail":
+        from pipeline.tail import TailOptions, tail
+
+        options = TailOptions(
+            organization_id=args.org,
+            einheit_id=args.einheit,
+            durable=args.durable,
+            from_start=args.from_start,
+            count=args.count,
+            as_json=args.json,
+        )
+        asyncio.run(tail(settings.nats_servers, options, sys.stdout))
         return 0
     if args.verb == "import-csv":
         from pipeline.csv_import import import_csv
