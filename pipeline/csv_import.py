@@ -24,6 +24,7 @@ from typing import TextIO
 from uuid import UUID
 
 import asyncpg
+from tqdm import tqdm
 
 from pipeline.broker import declare_streams, make_broker
 from pipeline.codec import encode
@@ -116,7 +117,16 @@ async def import_csv(
         # The stop event is never set: an import retries until stored.
         out = JetStreamOut(js, asyncio.Event(), replicas=settings.stream_replicas)
         batch: list[tuple[str, bytes, dict[str, str]]] = []
-        with path.open(newline="", encoding="utf-8-sig") as handle:
+        bar = tqdm(
+            total=_data_rows(path),
+            unit=" rows",
+            desc="import-csv",
+            file=progress,
+            disable=progress is None,
+            mininterval=0.5,
+            dynamic_ncols=True,
+        )
+        with bar, path.open(newline="", encoding="utf-8-sig") as handle:
             for message in rows_to_messages(csv.DictReader(handle), units):
                 summary.rows += 1
                 [verdict] = await validate(message)
@@ -128,17 +138,16 @@ async def import_csv(
                 batch.append((ingest_subject(message.topic), body, headers))
                 if len(batch) >= BATCH:
                     await out.publish(batch)
+                    bar.update(len(batch))
                     batch = []
-                    if progress is not None:
-                        print(
-                            f"\rimport-csv: {summary.rows} rows sent",
-                            end="",
-                            file=progress,
-                            flush=True,
-                        )
             await out.publish(batch)
-        if progress is not None and summary.rows >= BATCH:
-            print(file=progress)
+            bar.update(len(batch))
     finally:
         await broker.stop()
     return summary
+
+
+def _data_rows(path: Path) -> int:
+    """Lines after the header: the bar's total (a quoted line break makes it a little high)."""
+    with path.open("rb") as handle:
+        return max(sum(1 for _ in handle) - 1, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import uuid
@@ -83,3 +84,20 @@ def test_cli_refuses_a_file_without_the_required_header(settings, tmp_path) -> N
     )
     assert done.returncode == 2
     assert "einheit_id" in done.stderr
+
+
+async def test_import_shows_a_progress_bar_and_sums_up_accepted_and_rejected_rows(
+    settings, db, tmp_path
+) -> None:
+    await db.execute("INSERT INTO einheit VALUES ($1, $2)", 1, ORG)
+    rows = [f"1,{(END - timedelta(minutes=m)).isoformat()},1,0" for m in range(1, 1201)]
+    rows += [f"1,{END.isoformat()},-1,0", f"77,{END.isoformat()},1,0"]
+    progress = io.StringIO()
+    summary = await import_csv(settings, write_csv(tmp_path / "in.csv", rows), progress=progress)
+    assert summary.line() == (
+        "import-csv: 1202 rows, 1200 accepted, 2 rejected (1 negative_value, 1 unknown_unit)"
+    )
+    shown = progress.getvalue()
+    assert "import-csv" in shown
+    assert "100%" in shown
+    assert "1202/1202" in shown
