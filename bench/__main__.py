@@ -49,13 +49,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="messwerte-bench-"))
     stack = Stack(workdir, nats_sync_always=args.nats_sync == "always")
+    completed = False
     try:
-        if args.soak:
-            return _soak(stack, args, workdir)
-        return _bench(stack, args, kinds, workdir)
+        code = _soak(stack, args, workdir) if args.soak else _bench(stack, args, kinds, workdir)
+        completed = True
+        return code
     finally:
         stack.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if completed:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:  # the servers' and workers' logs tell what went wrong
+            print(f"logs kept in {workdir}", file=sys.stderr)
 
 
 def _bench(stack: Stack, args: argparse.Namespace, kinds: list[str], workdir: Path) -> int:

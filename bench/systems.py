@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.devstack import free_port
+from pipeline.topology import STAGE_NAMES
 
-SPLIT_STAGES = ("mqtt_bridge", "validate", "dedupe", "persist", "window_aggregate", "publish")
 KINDS = ("raw", "naive", "fused", "split")
 
 
@@ -139,7 +139,7 @@ def start(
             system.stop()
             raise RuntimeError(f"{kind} subscriber did not start: {line!r}")
         return system
-    groups = [[]] if kind == "fused" else [["--stage", s] for s in SPLIT_STAGES]
+    groups = [[]] if kind == "fused" else [["--stage", s] for s in STAGE_NAMES]
     for args in groups:
         name = "fused" if kind == "fused" else args[1]
         port = free_port()
