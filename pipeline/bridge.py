@@ -44,6 +44,8 @@ RECEIVE_MAXIMUM = 65_535
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF
 #: CONNACK codes of a broker that does not speak MQTT 5 (3.1.1's and 5's "unsupported").
 _NO_MQTT5 = (1, 132)
+#: What a paho `Properties` holds besides the properties themselves.
+_PAHO_PRIVATE = frozenset({"packetType", "types", "names", "properties"})
 
 
 def _share_paho_property_tables() -> None:
@@ -66,9 +68,6 @@ def _share_paho_property_tables() -> None:
 
     Properties.__init__ = __init__  # type: ignore[method-assign]
     Properties.clear = clear  # type: ignore[method-assign]
-
-
-_PAHO_PRIVATE = frozenset({"packetType", "types", "names", "properties"})
 
 
 _share_paho_property_tables()

@@ -52,9 +52,6 @@ class _Lru:
         if len(self._data) > self._capacity:
             self._data.popitem(last=False)
 
-    def __len__(self) -> int:
-        return len(self._data)
-
 
 class Dedupe:
     """Stage `dedupe`: `Reading` -> the same `Reading`, or nothing for an exact repeat."""
