@@ -200,6 +200,7 @@ class CommitClock:
         self.database_url = database_url
         self.committed: dict[tuple[int, int], float] = {}
         self._conn: asyncpg.Connection | None = None
+        self._arrived = asyncio.Event()
 
     async def __aenter__(self) -> CommitClock:
         self._conn = await asyncpg.connect(self.database_url)
@@ -210,11 +211,23 @@ class CommitClock:
         if self._conn is not None:
             await self._conn.close()
 
+    async def seen(self, rows: int, timeout_s: float) -> None:
+        """Wait until the notifications of `rows` committed rows have arrived (they follow the
+        commit), or `timeout_s` passed; rows never notified count as lost."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.committed) < rows:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                return
+
     def _on_row(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         now = time.monotonic()
         unit, epoch = payload.split()
         index = round((float(epoch) - loadgen.EPOCH.timestamp()) / 60)
         self.committed.setdefault((int(unit), index), now)
+        self._arrived.set()
 
 
 def latency(
@@ -237,8 +250,8 @@ def latency(
                     async with CommitClock(database_url) as clock:
                         pacer.start()
                         await asyncio.to_thread(pacer.join)
-                        await wait_for_rows(database_url, load.total, stall_s)
-                        await asyncio.sleep(0.2)  # the last notifications are on their way
+                        rows, _ = await wait_for_rows(database_url, load.total, stall_s)
+                        await clock.seen(rows, timeout_s=5.0)
                         return clock
 
                 clock = asyncio.run(measure())
