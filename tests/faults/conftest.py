@@ -12,12 +12,22 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiomqtt
 import asyncpg
 import pytest
 
 from pipeline.devstack import NatsServer, Postgres
 from tests.conftest import Broker, use_mosquitto
-from tests.faults.harness import REPORT, UNITS, Fault, Figures, Workers, data_set, scenario
+from tests.faults.harness import (
+    REPORT,
+    UNITS,
+    DataSet,
+    Fault,
+    Figures,
+    Workers,
+    data_set,
+    scenario,
+)
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +53,7 @@ class Stack:
     broker: Broker
     dsn: str
     tmp: Path
+    data: DataSet | None = None
 
     def env(self) -> dict[str, str]:
         return {
@@ -68,16 +79,26 @@ class Stack:
         seed: int = 1,
         timeout_s: float = 90.0,
     ) -> Figures:
+        self.data = data_set(seed)
         return await scenario(
             name,
             self.workers(mode),
             self.broker.port,
             self.dsn,
             self.nats.url,
-            data_set(seed),
+            self.data,
             faults,
             timeout_s=timeout_s,
         )
+
+    async def nudge(self) -> None:
+        """Publish the data set's next nudge: a reading that makes an interval be summed now."""
+        assert self.data is not None, "nudge() belongs inside run()"
+        topic, payload = self.data.nudge()
+        async with aiomqtt.Client(
+            "127.0.0.1", self.broker.port, identifier=f"nudge-{uuid.uuid4().hex[:8]}"
+        ) as client:
+            await client.publish(topic, payload, qos=1, timeout=5)
 
 
 @pytest.fixture

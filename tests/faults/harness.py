@@ -52,10 +52,24 @@ class DataSet:
 
     messages: list[tuple[str, bytes]]
     readings: list[Reading]
+    #: The hour the readings start at; the quarter hour before it holds no reading of the set.
+    base: datetime
 
     @property
     def reference(self) -> Reference:
         return Reference.of(self.readings)
+
+    def nudge(self) -> tuple[str, bytes]:
+        """A reading of its own (a key no other message has) in a long-closed interval, added
+        to the expectation: a fault sends it to make the pipeline sum and publish an interval
+        at the moment the fault needs one, instead of hoping one closes then."""
+        unit = 1
+        taken = sum(1 for r in self.readings if r[1] < self.base)
+        reading = (unit, self.base - timedelta(minutes=1, seconds=taken), "0.5", "0.25")
+        self.readings.append(reading)
+        message = (_topic(UNITS[unit], unit), body(reading[1], reading[2], reading[3]))
+        self.messages.append(message)
+        return message
 
 
 def data_set(seed: int, *, per_unit: int = 50, base: datetime | None = None) -> DataSet:
@@ -90,7 +104,7 @@ def data_set(seed: int, *, per_unit: int = 50, base: datetime | None = None) -> 
                 send(heapq.heappop(later)[2])
     while later:
         send(heapq.heappop(later)[2])
-    return DataSet(messages, readings)
+    return DataSet(messages, readings, base)
 
 
 def _kwh(rng: random.Random, top: int) -> str:

@@ -37,6 +37,9 @@ Witness = Callable[[], Awaitable[bool]]
 async def mid_batch(stack: Stack, stage: str, worker: Worker) -> AsyncIterator[Witness]:
     """Hold `stage` in the middle of a batch; yield a probe that says when it is held."""
     url = stack.nats.url
+    # A worker declares its streams as it starts, which would undo a refusing stream's limit:
+    # a worker just restarted by an earlier fault must be up before its output is made to refuse.
+    await until(lambda: asyncio.to_thread(lambda: worker.health() == 200), f"{stage} up")
     if stage in ("mqtt_bridge", "validate", "dedupe", "publish"):
         output = {"mqtt_bridge": "INGEST", "validate": "VALID", "dedupe": "UNIQUE"}
         received = "zev_mqtt_messages_received_total"
@@ -49,6 +52,9 @@ async def mid_batch(stack: Stack, stage: str, worker: Worker) -> AsyncIterator[W
 
                 yield received_more
             elif stage == "publish":
+                # Something to publish, now: a new reading in a closed interval is summed at
+                # once, and its aggregate waits in the outbox, claimed, while MESSWERTE refuses.
+                await stack.nudge()
                 yield lambda: outbox_claimed(stack.dsn)
             else:
                 source = {"validate": "INGEST", "dedupe": "VALID"}[stage]
