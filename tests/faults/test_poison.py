@@ -37,7 +37,7 @@ def poisoned(data: DataSet, hostile_reasons: Counter[str], carried: str) -> Data
             messages.append((case.topic, case.payload))
             hostile_reasons[case.reason] += 1
         messages.append(message)
-    return DataSet(messages, data.readings)
+    return DataSet(messages, data.readings, data.base)
 
 
 def reading(unit: int, verbrauch: str, round_: int) -> bytes:
