@@ -32,7 +32,7 @@ typecheck: venv
 # mosquitto too. The fault suite runs with mosquitto only: see "Brokers" in the README.
 test: venv lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
-	MESSWERTE_TEST_BROKER=nats $(BIN)/pytest tests/integration/test_pipeline.py tests/integration/test_mixed_load.py tests/integration/test_hostile_input.py $(PYTEST_ARGS)
+	MESSWERTE_TEST_BROKER=nats $(BIN)/pytest tests/integration/test_pipeline.py tests/integration/test_bess_pipeline.py tests/integration/test_mixed_load.py tests/integration/test_hostile_input.py $(PYTEST_ARGS)
 
 # Throughput and latency of raw ceiling, naive baseline, fused and split on the same load
 # (bench/README in the main README); BENCH_ARGS="--messages 20000" for a quicker run.

@@ -27,11 +27,16 @@ from pipeline.migrations import migrate
 from pipeline.publisher import OutboxPublisher
 from pipeline.retry import Abandoned, Backoff, first_of
 from pipeline.runner import ChainRunner, Redelivery, Step
-from pipeline.topology import BY_NAME, CONSUMER_STAGES, STAGE_NAMES
+from pipeline.topology import KINDS, STAGE_NAMES, Stage, rows
 from stages.dedupe import Dedupe
+from stages.directory import DeviceCache, EinheitCache
 from stages.persist import Persist
-from stages.validate import EinheitCache, Validate
+from stages.persist_bess import BessTelemetry
+from stages.publish import BESS_INTERVALS, MESSWERTE
+from stages.validate import Validate
+from stages.validate_bess import ValidateBess
 from stages.window_aggregate import WindowAggregate
+from stages.window_aggregate_bess import WindowAggregateBess
 
 log = structlog.get_logger("pipeline.app")
 
@@ -40,21 +45,25 @@ T = TypeVar("T")
 DB_STAGES = {"validate", "persist", "window_aggregate", "publish"}
 DRAIN_TIMEOUT_S = 8.0
 COALESCE_S = 0.25
+Window = WindowAggregate | WindowAggregateBess
 
 
-def chains(stages: Iterable[str], mode: Mode) -> list[list[str]]:
-    """Group the consumer stages to run: one each (split) or consecutive runs (fused)."""
+def chains(stages: Iterable[str], mode: Mode) -> list[list[Stage]]:
+    """The consumer stages to run, per device kind: one each (split), or runs of consecutive
+    stages of one kind (fused)."""
     wanted = set(stages)
-    selected = [name for name in CONSUMER_STAGES if name in wanted]
-    if mode == "split":
-        return [[name] for name in selected]
-    groups: list[list[str]] = []
-    for name in selected:
-        position = CONSUMER_STAGES.index(name)
-        if groups and CONSUMER_STAGES.index(groups[-1][-1]) == position - 1:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
+    groups: list[list[Stage]] = []
+    for kind in KINDS:
+        order = rows(kind)
+        previous = -2
+        for position, row in enumerate(order):
+            if row.name not in wanted:
+                continue
+            if mode == "fused" and position == previous + 1:
+                groups[-1].append(row)
+            else:
+                groups.append([row])
+            previous = position
     return groups
 
 
@@ -81,6 +90,7 @@ class Pipeline:
         self.stop = asyncio.Event()
         self.ready = asyncio.Event()
         self.aggregation = AggregationHealth()
+        self.aggregation_bess = AggregationHealth()
 
     async def _until_up(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
         """Start-up against services that may not be there yet: retry with backoff until stop."""
@@ -169,20 +179,16 @@ class Pipeline:
     def _start(self, js: Any, pool: TimedPool | None) -> list[asyncio.Task[Any]]:
         s = self.settings
         tasks: list[asyncio.Task[Any]] = []
-        window: WindowAggregate | None = None
+        impls = self._stage_functions(pool)
         if pool is not None and "window_aggregate" in self.stages:
-            window = WindowAggregate(pool, grace=s.grace)
             self.health.components["aggregation"] = self.aggregation
-            tasks.append(asyncio.create_task(self._sweep(window), name="sweeper"))
-        impls: dict[str, Any] = {}
-        if pool is not None:
-            impls["validate"] = Validate(EinheitCache(pool), max_payload_bytes=s.max_payload_bytes)
-            impls["persist"] = Persist(pool)
-            impls["window_aggregate"] = window
-        impls["dedupe"] = Dedupe(capacity=s.dedupe_capacity)
-        sink: Sink | None = None
+            self.health.components["aggregation:bess"] = self.aggregation_bess
+            for kind, health in (("zev", self.aggregation), ("bess", self.aggregation_bess)):
+                window = impls[("window_aggregate", kind)]
+                tasks.append(asyncio.create_task(self._sweep(window, health), name=f"sweep-{kind}"))
+        sinks: dict[str, Sink] = {}
         for group in chains(self.stages, self.mode):
-            steps = [Step(BY_NAME[name], impls[name]) for name in group]
+            steps = [Step(row, impls[(row.name, row.kind)]) for row in group]
             runner = ChainRunner(
                 js,
                 steps,
@@ -195,25 +201,53 @@ class Pipeline:
             self.health.components[f"stage:{runner.name}"] = Probe(
                 lambda r=runner: r.healthy, lambda r=runner: {"last_error": r.last_error}
             )
-            if self.mode == "fused" and group[0] == "validate" and "mqtt_bridge" in self.stages:
+            if (
+                self.mode == "fused"
+                and group[0].name == "validate"
+                and "mqtt_bridge" in self.stages
+            ):
                 # Fused with the bridge: MQTT feeds the chain in memory, no INGEST hop; the
                 # consumer still runs, to take what a split bridge left on `ingest.>`.
-                sink = runner.run_items
+                sinks[group[0].kind] = runner.run_items
             tasks.append(asyncio.create_task(runner.run(), name=runner.name))
         if "mqtt_bridge" in self.stages:
             mqtt_health = MqttHealth(silence_threshold_s=s.mqtt_silence_threshold_seconds)
             self.health.components["mqtt"] = mqtt_health
-            bridge = MqttBridge(s, js, self.metrics, mqtt_health, self.stop, sink)
+            bridge = MqttBridge(s, js, self.metrics, mqtt_health, self.stop, sinks)
             tasks.append(asyncio.create_task(bridge.run(), name="mqtt_bridge"))
         if pool is not None and "publish" in self.stages:
-            publisher = OutboxPublisher(
-                pool, s.database_url, js, self.metrics, self.stop, s.stream_replicas
-            )
-            self.health.components["publish"] = Probe(lambda: publisher.healthy)
-            tasks.append(asyncio.create_task(publisher.run(), name="publish"))
+            for name, outbox in (("publish", MESSWERTE), ("publish:bess", BESS_INTERVALS)):
+                publisher = OutboxPublisher(
+                    pool, s.database_url, js, self.metrics, self.stop, outbox, s.stream_replicas
+                )
+                self.health.components[name] = Probe(lambda p=publisher: p.healthy)
+                tasks.append(asyncio.create_task(publisher.run(), name=name))
         return tasks
 
-    async def _sweep(self, window: WindowAggregate) -> None:
+    def _stage_functions(self, pool: TimedPool | None) -> dict[tuple[str, str], Any]:
+        """The stage callable of each (stage, kind) this process can run."""
+        s = self.settings
+        impls: dict[tuple[str, str], Any] = {
+            ("dedupe", kind): Dedupe(capacity=s.dedupe_capacity) for kind in KINDS
+        }
+        if pool is None:
+            return impls
+        limit = s.max_payload_bytes
+        impls.update(
+            {
+                ("validate", "zev"): Validate(EinheitCache(pool), max_payload_bytes=limit),
+                ("validate", "bess"): ValidateBess(DeviceCache(pool), max_payload_bytes=limit),
+                ("persist", "zev"): Persist(pool),
+                ("persist", "bess"): Persist(pool, BessTelemetry(s.bess_max_gap_seconds)),
+                ("window_aggregate", "zev"): WindowAggregate(pool, grace=s.grace),
+                ("window_aggregate", "bess"): WindowAggregateBess(
+                    pool, grace=s.grace, max_gap_s=s.bess_max_gap_seconds
+                ),
+            }
+        )
+        return impls
+
+    async def _sweep(self, window: Window, health: AggregationHealth) -> None:
         """Close due intervals every `sweep_interval_seconds`; on start this is the catch-up."""
         m = self.metrics
         while not self.stop.is_set():
@@ -223,14 +257,14 @@ class Pipeline:
                 run = await window.sweep()
             except Exception as exc:
                 m.aggregation_failures.inc()
-                self.aggregation.record(ok=False, error=repr(exc))
+                health.record(ok=False, error=repr(exc))
                 log.warning("aggregation failed", error=repr(exc))
             else:
                 m.aggregation_runs.inc()
                 m.aggregation_records.inc(run.marked)
                 m.aggregation_duration.observe(time.perf_counter() - started)
                 m.aggregation_last_run.set(time.time())
-                self.aggregation.record(
+                health.record(
                     ok=True, intervals=run.intervals, rows=run.summed, changed=run.changed
                 )
                 if run.intervals:

@@ -18,6 +18,7 @@ from faststream.nats import NatsBroker
 from faststream.specification import AsyncAPI
 from pydantic import BaseModel
 
+from schemas.bess import BessIntervalMessage, BessPayload, BessPersisted, BessSample
 from schemas.messages import Persisted, Reading, Reject
 from schemas.output import MesswertMessage
 from schemas.output import json_schema as messwert_json_schema
@@ -63,6 +64,30 @@ CHANNELS: tuple[Channel, ...] = (
         "Every new or changed 15-minute interval of a unit (stream MESSWERTE, kept 400 days); "
         "header Nats-Msg-Id: {einheitId}:{zeit}:{revision}. The output for consumers.",
     ),
+    Channel(
+        "bess.ingest.{site}.{device}", BessPayload, "bess-ingest",
+        "An MQTT message from bess/{site}/{device}/telemetry, its payload untouched (the schema "
+        "is what a valid one holds); headers as on ingest. Internal (stream INGEST).",
+    ),
+    Channel(
+        "bess.valid.{organizationId}.{site}.{device}", BessSample, "bess-valid",
+        "A validated BESS sample. Internal (stream VALID, work queue).",
+    ),
+    Channel(
+        "bess.unique.{organizationId}.{site}.{device}", BessSample, "bess-unique",
+        "A BESS sample that is not an exact repeat. Internal (stream UNIQUE, work queue).",
+    ),
+    Channel(
+        "bess.persisted.{organizationId}.{site}.{device}", BessPersisted, "bess-persisted",
+        "A sample inserted or changed in bess_telemetry. Internal (stream PERSISTED).",
+    ),
+    Channel(
+        "intervals.bess.{organizationId}.{site}.{device}", BessIntervalMessage, "bess-intervals",
+        "Every new or changed 15-minute interval of a BESS device: energy charged and "
+        "discharged, coverage, SoC, temperature, health, alarms (stream BESS_INTERVALS, kept "
+        "400 days); header Nats-Msg-Id: bess:{site}:{device}:{intervalEnd}:{revision}. "
+        "The output for consumers.",
+    ),
 )  # fmt: skip
 
 
@@ -80,8 +105,9 @@ def document() -> dict[str, Any]:
         broker,
         title="messwerte pipeline",
         version=version("messwerte-pipeline"),
-        description="Smart-meter readings from MQTT through JetStream stages into PostgreSQL, "
-        "and 15-minute messwerte out (design §1, §6).",
+        description="Smart-meter readings and battery-storage telemetry from MQTT through "
+        "JetStream stages into PostgreSQL, and 15-minute messwerte and BESS intervals out "
+        "(design §1, §6, §13).",
         schema_version="3.0.0",
     ).to_specification()
     return json.loads(spec.to_json())  # type: ignore[no-any-return]
@@ -90,7 +116,10 @@ def document() -> dict[str, Any]:
 def json_schemas() -> dict[str, dict[str, Any]]:
     """File name -> JSON Schema, for every message model."""
     schemas = {"messwert.schema.json": messwert_json_schema()}
-    for model in (MesswertPayload, Reading, Persisted, Reject):
+    for model in (
+        MesswertPayload, Reading, Persisted, Reject,
+        BessPayload, BessSample, BessPersisted, BessIntervalMessage,
+    ):  # fmt: skip
         schema = model.model_json_schema(by_alias=True)
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
         schemas[f"{model.__name__.lower()}.schema.json"] = schema

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,7 +35,7 @@ from pipeline.metrics import Metrics
 from pipeline.retry import Abandoned, Backoff
 from pipeline.runner import JetStreamOut
 from schemas.messages import IngestMessage
-from stages.mqtt_bridge import SUBSCRIPTION, ingest_subject, to_ingest
+from stages.mqtt_bridge import SUBSCRIPTIONS, ingest_subject, route_of, to_ingest
 
 log = structlog.get_logger("pipeline.bridge")
 
@@ -72,7 +72,8 @@ def _share_paho_property_tables() -> None:
 
 _share_paho_property_tables()
 
-#: Where a received batch goes; returns once it is stored. None: publish to `ingest.…`.
+#: Where a received batch of one device kind goes; returns once it is stored. A kind without
+#: a sink is published to its ingest subject.
 Sink = Callable[[list[IngestMessage]], Awaitable[None]]
 
 
@@ -84,7 +85,7 @@ class MqttBridge:
         metrics: Metrics,
         health: MqttHealth,
         stop: asyncio.Event,
-        sink: Sink | None = None,
+        sinks: Mapping[str, Sink] | None = None,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
@@ -93,7 +94,7 @@ class MqttBridge:
         self._out = JetStreamOut(js, stop, replicas=settings.stream_replicas)
         self._batch_size = settings.batch_size
         self._max_payload_bytes = settings.max_payload_bytes
-        self._sink = sink
+        self._sinks = dict(sinks or {})
         self._mqtt5 = settings.mqtt_protocol != "3.1.1"
         # Without INGEST there is no stream sequence: order by a counter that starts at the
         # clock (microseconds), so a restarted bridge continues above where the last one was.
@@ -162,11 +163,15 @@ class MqttBridge:
         async with client:
             self.health.connected = True
             self.health.connected_since = time.monotonic()
-            await client.subscribe(SUBSCRIPTION, qos=1)
+            await client.subscribe([(topic, 1) for topic in SUBSCRIPTIONS])
             self.health.subscribed = True
             self.health.ever_subscribed.set()
             self.health.last_error = None
-            log.info("MQTT subscribed", topic=SUBSCRIPTION, client_id=self._settings.mqtt_client_id)
+            log.info(
+                "MQTT subscribed",
+                topics=list(SUBSCRIPTIONS),
+                client_id=self._settings.mqtt_client_id,
+            )
             messages = client.messages
             stopper = asyncio.create_task(self._stop.wait())
             try:
@@ -188,9 +193,10 @@ class MqttBridge:
     async def _forward(self, client: aiomqtt.Client, batch: list[aiomqtt.Message]) -> None:
         now = datetime.now(UTC)
         # Without INGEST (fused), the order within the batch comes from our own counter.
-        fused = self._sink is not None
-        envelopes = [
-            to_ingest(
+        fused = bool(self._sinks)
+        by_kind: dict[str, list[IngestMessage]] = {}
+        for message in batch:
+            envelope = to_ingest(
                 message.topic.value,
                 message.payload
                 if isinstance(message.payload, bytes)
@@ -199,22 +205,26 @@ class MqttBridge:
                 self._max_payload_bytes,
                 next(self._seq) if fused else 0,
             )
-            for message in batch
-        ]
+            by_kind.setdefault(route_of(envelope.topic).kind, []).append(envelope)
         self._metrics.mqtt_received.inc(len(batch))
         self._metrics.mqtt_last_message.set(now.timestamp())
         self.health.message_received()
-        if self._sink is None:
-            outbound = []
+        outbound = []
+        stored: list[Awaitable[None]] = []
+        for kind, envelopes in by_kind.items():
+            sink = self._sinks.get(kind)
+            if sink is not None:
+                # A message the broker resends was never acknowledged, so nothing newer than it
+                # was stored after it: unlike a JetStream redelivery it cannot be stale, and
+                # needs no `redelivered` mark.
+                stored.append(sink(envelopes))
+                continue
             for envelope in envelopes:
                 body, headers = encode(envelope)
                 outbound.append((ingest_subject(envelope.topic), body, headers))
-            await self._out.publish(outbound)
-        else:
-            # A message the broker resends was never acknowledged, so nothing newer than it
-            # was stored after it: unlike a JetStream redelivery it cannot be stale, and
-            # needs no `redelivered` mark.
-            await self._sink(envelopes)
+        if outbound:
+            stored.append(self._out.publish(outbound))
+        await asyncio.gather(*stored)
         for message in batch:
             if message.qos > 0:
                 client._client.ack(message.mid, message.qos)

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] = Field(
         default_factory=lambda: "console" if sys.stderr.isatty() else "json"
     )
+    bess_max_gap_seconds: float = Field(
+        default=300, gt=0, description="BESS samples further apart are not integrated (§13)"
+    )
 
     # Tuning, not part of the contract.
     log_level: str = "info"

@@ -29,6 +29,11 @@ class TimedPool:
         async with self.pool.acquire(timeout=self._acquire_s) as conn:
             yield conn
 
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self.acquire() as conn, conn.transaction():
+            yield conn
+
     async def fetch(self, query: str, *args: Any) -> list[Any]:
         async with self.acquire() as conn:
             return await conn.fetch(query, *args, timeout=self._statement_s)  # type: ignore[no-any-return]

@@ -6,7 +6,12 @@ The `zev_*` names are the contract; the `pipeline_stage_*` family is per stage. 
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from schemas.bess import BessSample
 
 _BATCH_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -84,6 +89,55 @@ class Metrics:
         self.published = Counter(
             "pipeline_messwerte_published_total", "Messages published on messwerte.>", registry=r
         )
+        self.published_bess = Counter(
+            "pipeline_bess_intervals_published_total",
+            "Messages published on intervals.bess.>",
+            registry=r,
+        )
+        # BESS (design §13): the latest sample per device, by ts.
+        device = ["site", "device"]
+        self.bess_soc = Gauge("bess_soc_percent", "State of charge, %", device, registry=r)
+        self.bess_power = Gauge(
+            "bess_power_kw", "Total power, kW, negative = charging", device, registry=r
+        )
+        self.bess_cell_temperature = Gauge(
+            "bess_cell_temperature_max_celsius", "Highest cell temperature, °C", device, registry=r
+        )
+        self.bess_alarms = Gauge("bess_alarms_active", "Alarms active", device, registry=r)
+        self.bess_last_telemetry = Gauge(
+            "bess_last_telemetry_timestamp_seconds",
+            "Unix time (ts) of the latest sample",
+            device,
+            registry=r,
+        )
+        self.bess_plausibility = Counter(
+            "bess_plausibility_warnings_total",
+            "Samples stored despite a failed plausibility check",
+            ["check"],
+            registry=r,
+        )
+        self._latest_ts: dict[tuple[str, str], datetime] = {}
+
+    def published_from(self, outbox: str) -> Counter:
+        """The counter of messages published from an outbox table."""
+        return self.published_bess if outbox.startswith("bess") else self.published
+
+    def validated(self, message: Any) -> None:
+        """What a message that passed validation tells the operator beyond being counted."""
+        if not isinstance(message, BessSample):
+            return
+        for check in message.warnings:
+            self.bess_plausibility.labels(check).inc()
+        device = (message.site, message.device)
+        if message.ts < self._latest_ts.get(device, message.ts):
+            return  # a late or backfilled sample: the gauges show the newest one
+        self._latest_ts[device] = message.ts
+        self.bess_soc.labels(*device).set(message.soc)
+        self.bess_power.labels(*device).set(message.p)
+        if message.t_cell_max is not None:
+            self.bess_cell_temperature.labels(*device).set(message.t_cell_max)
+        self.bess_alarms.labels(*device).set(len(message.alarms))
+        self.bess_last_telemetry.labels(*device).set(message.ts.timestamp())
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

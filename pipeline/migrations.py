@@ -114,12 +114,93 @@ BROKER_ORDER = """
 ALTER TABLE zaehler_rohdaten ADD COLUMN IF NOT EXISTS ingest_seq BIGINT NOT NULL DEFAULT 0;
 """
 
+BESS = """
+-- Design §13. Devices are registered by the operator; the pipeline only reads them.
+CREATE TABLE IF NOT EXISTS bess_device (
+    site TEXT,
+    device TEXT,
+    organization_id UUID NOT NULL,
+    PRIMARY KEY (site, device)
+);
+CREATE TABLE IF NOT EXISTS bess_telemetry (
+    id BIGSERIAL PRIMARY KEY,
+    site TEXT NOT NULL,
+    device TEXT NOT NULL,
+    organization_id UUID NOT NULL,
+    ts TIMESTAMPTZ NOT NULL,
+    soc DOUBLE PRECISION NOT NULL,
+    p DOUBLE PRECISION NOT NULL,
+    p_ch DOUBLE PRECISION,
+    p_dis DOUBLE PRECISION,
+    v_dc DOUBLE PRECISION,
+    i_dc DOUBLE PRECISION,
+    t_cell_max DOUBLE PRECISION,
+    soh DOUBLE PRECISION,
+    alarms TEXT[] NOT NULL DEFAULT '{}',
+    empfangen_am TIMESTAMPTZ DEFAULT NOW(),
+    quelle VARCHAR(20) NOT NULL DEFAULT 'MQTT',
+    verarbeitet BOOLEAN DEFAULT FALSE,
+    verarbeitet_am TIMESTAMPTZ,
+    -- Broker order of the sample a row holds, as zaehler_rohdaten.ingest_seq.
+    ingest_seq BIGINT NOT NULL DEFAULT 0,
+    UNIQUE (site, device, ts)
+);
+CREATE INDEX IF NOT EXISTS idx_bess_telemetry_unverarbeitet
+    ON bess_telemetry (verarbeitet, ts) WHERE verarbeitet = FALSE;
+CREATE TABLE IF NOT EXISTS bess_interval (
+    site TEXT,
+    device TEXT,
+    organization_id UUID NOT NULL,
+    interval_end TIMESTAMPTZ,
+    energy_charged_kwh NUMERIC(12,4) NOT NULL,
+    energy_discharged_kwh NUMERIC(12,4) NOT NULL,
+    covered_seconds INTEGER NOT NULL,
+    samples INTEGER NOT NULL,
+    soc_min DOUBLE PRECISION,
+    soc_max DOUBLE PRECISION,
+    soc_last DOUBLE PRECISION,
+    t_cell_max DOUBLE PRECISION,
+    soh_last DOUBLE PRECISION,
+    alarms TEXT[] NOT NULL DEFAULT '{}',
+    revision INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (site, device, interval_end)
+);
+-- Intervals a new or changed sample may have changed: persist marks them in the statement that
+-- stores the sample, the aggregator computes each once it is closed and removes the mark in
+-- the transaction that stores the result. Finding the due ones is an index range scan, however
+-- many samples wait in open intervals.
+CREATE TABLE IF NOT EXISTS bess_interval_dirty (
+    site TEXT,
+    device TEXT,
+    interval_end TIMESTAMPTZ,
+    marked_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+    PRIMARY KEY (site, device, interval_end)
+);
+CREATE INDEX IF NOT EXISTS idx_bess_interval_dirty_end ON bess_interval_dirty (interval_end);
+-- Transactional outbox of BESS intervals, as messwerte_outbox.
+CREATE TABLE IF NOT EXISTS bess_interval_outbox (
+    id BIGSERIAL PRIMARY KEY,
+    body JSONB NOT NULL,
+    erstellt_am TIMESTAMPTZ NOT NULL DEFAULT NOW()
+);
+CREATE OR REPLACE FUNCTION bess_interval_outbox_notify() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('bess_interval_outbox', '');
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS bess_interval_outbox_notify ON bess_interval_outbox;
+CREATE TRIGGER bess_interval_outbox_notify AFTER INSERT ON bess_interval_outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION bess_interval_outbox_notify();
+"""
+
 #: Ordered steps; append, never edit a step that has shipped.
 STEPS: tuple[tuple[int, str, str], ...] = (
     (1, "contract tables of design §4", CONTRACT_SCHEMA),
     (2, "revision, interval function, outbox", PIPELINE_SCHEMA),
     (3, "source of each raw reading", RAW_SOURCE),
     (4, "broker order of each raw reading", BROKER_ORDER),
+    (5, "BESS devices, telemetry, intervals and their outbox", BESS),
 )
 
 

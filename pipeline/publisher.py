@@ -1,6 +1,7 @@
-"""Drives stage `publish`: moves rows from the `messwerte_outbox` table onto `messwerte.>`.
+"""Drives stage `publish`: moves the rows of an outbox table (`messwerte_outbox` onto
+`messwerte.>`, `bess_interval_outbox` onto `intervals.bess.>`) to JetStream.
 
-Woken by `LISTEN messwerte_outbox` (a trigger notifies on every insert) and, as a safety net,
+Woken by `LISTEN {table}` (a trigger notifies on every insert) and, as a safety net,
 once a second. Rows are claimed with `FOR UPDATE SKIP LOCKED`, published with their
 `Nats-Msg-Id`, and deleted in the same transaction only after JetStream stored them; a crash
 in between re-publishes, which JetStream's duplicate window turns into a no-op.
@@ -19,7 +20,7 @@ from pipeline.database import TimedPool
 from pipeline.metrics import Metrics
 from pipeline.retry import Abandoned, Backoff, first_of
 from pipeline.runner import JetStreamOut
-from stages import publish
+from stages.publish import Outbox
 
 log = structlog.get_logger("pipeline.publisher")
 
@@ -35,8 +36,10 @@ class OutboxPublisher:
         js: Any,
         metrics: Metrics,
         stop: asyncio.Event,
+        outbox: Outbox,
         replicas: int = 1,
     ) -> None:
+        self.outbox = outbox
         self._pool = pool
         self._dsn = dsn
         self._metrics = metrics
@@ -72,18 +75,19 @@ class OutboxPublisher:
 
     async def _drain_once(self) -> int:
         async with self._pool.acquire() as conn, conn.transaction():
-            rows = await publish.claim(conn, CLAIM_LIMIT)
+            rows = await self.outbox.claim(conn, CLAIM_LIMIT)
             if not rows:
                 return 0
-            messages = [publish.to_message(row) for row in rows]
+            messages = [self.outbox.to_message(row) for row in rows]
             outbound = []
             for message in messages:
                 body, headers = encode(message)
                 outbound.append((message.subject, body, headers))
             await self._out.publish(outbound)
-            await publish.done(conn, [row["id"] for row in rows])
-        self._metrics.published.inc(len(messages))
-        self._metrics.stage_out.labels("publish", "messwertmessage").inc(len(messages))
+            await self.outbox.done(conn, [row["id"] for row in rows])
+        self._metrics.published_from(self.outbox.table).inc(len(messages))
+        kind = type(messages[0]).__name__.lower()
+        self._metrics.stage_out.labels("publish", kind).inc(len(messages))
         return len(rows)
 
     async def _listen(self) -> None:
@@ -94,7 +98,7 @@ class OutboxPublisher:
                 conn = await asyncpg.connect(self._dsn, timeout=5)
                 closed = asyncio.Event()
                 conn.add_termination_listener(lambda _, closed=closed: closed.set())
-                await conn.add_listener("messwerte_outbox", lambda *_: self._wake.set())
+                await conn.add_listener(self.outbox.channel, lambda *_: self._wake.set())
                 self._wake.set()
                 await first_of(closed, self._stop)
             except Exception as exc:

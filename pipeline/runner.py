@@ -94,7 +94,7 @@ class _Poison(Exception):
 
 def observe(metrics: Metrics, step: Step, n_in: int, outputs: Sequence[Any]) -> None:
     """Per-stage and contract metrics for one stage call over `n_in` inputs."""
-    name = step.spec.name
+    name = step.spec.consumer
     metrics.stage_in.labels(name).inc(n_in)
     counts: dict[str, int] = {}
     for out in outputs:
@@ -104,8 +104,10 @@ def observe(metrics: Metrics, step: Step, n_in: int, outputs: Sequence[Any]) -> 
             count_reject(metrics, out.reason)
     for kind, count in counts.items():
         metrics.stage_out.labels(name, kind).inc(count)
-    if name == "validate":
-        metrics.mqtt_processed.inc(counts.get("reading", 0))
+    if step.spec.name == "validate":
+        metrics.mqtt_processed.inc(counts.get("reading", 0) + counts.get("besssample", 0))
+        for out in outputs:
+            metrics.validated(out)
     if not step.batched and n_in > len(outputs):
         metrics.stage_out.labels(name, "dropped").inc(n_in - len(outputs))
 
@@ -163,7 +165,7 @@ class ChainRunner:
         self._js = js
         self.steps = list(steps)
         self.first = self.steps[0].spec
-        self.name = "+".join(s.spec.name for s in self.steps)
+        self.name = "+".join(s.spec.consumer for s in self.steps)
         self._metrics = metrics
         self._stop = stop
         self._batch_size = batch_size
@@ -176,15 +178,15 @@ class ChainRunner:
         self._stalled = asyncio.Event()
         # Labelled series exist from start-up, so dashboards and alerts see zeros, not gaps.
         metrics.stage_batch_latency.labels(self.name)
-        metrics.consumer_pending.labels(self.first.name)
+        metrics.consumer_pending.labels(self.first.consumer)
         for step in self.steps:
-            metrics.retry_queue_depth.labels(step.spec.name)
-            metrics.stage_in.labels(step.spec.name)
+            metrics.retry_queue_depth.labels(step.spec.consumer)
+            metrics.stage_in.labels(step.spec.consumer)
 
     def consumer_config(self) -> ConsumerConfig:
         r = self._redelivery
         return ConsumerConfig(
-            durable_name=self.first.name,
+            durable_name=self.first.consumer,
             filter_subject=self.first.reads,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
@@ -197,7 +199,9 @@ class ChainRunner:
     async def _subscribe(self) -> Any:
         assert self.first.stream is not None
         await self._js.add_consumer(self.first.stream, config=self.consumer_config())
-        return await self._js.pull_subscribe_bind(durable=self.first.name, stream=self.first.stream)
+        return await self._js.pull_subscribe_bind(
+            durable=self.first.consumer, stream=self.first.stream
+        )
 
     async def _bind(self) -> Any | None:
         """The pull subscription, once NATS lets us create it; None if stopped first."""
@@ -344,8 +348,10 @@ class ChainRunner:
                 return await self._retrying(step, batch, len(batch), alone=len(batch) == 1)
             except _Poison as poison:
                 if len(batch) == 1:
-                    return [_stage_reject(step.spec.name, batch[0], poison.cause)]
-                log.warning("batch failed, retrying its messages one by one", stage=step.spec.name)
+                    return [_stage_reject(step.spec.consumer, batch[0], poison.cause)]
+                log.warning(
+                    "batch failed, retrying its messages one by one", stage=step.spec.consumer
+                )
         outputs: list[Any] = []
         fn = step.fn
         for position, item in enumerate(batch):
@@ -363,7 +369,7 @@ class ChainRunner:
                 held = len(batch) - position
                 outputs.extend(await self._retrying(step, arg, held, alone=True, failed=failed))
             except _Poison as poison:
-                outputs.append(_stage_reject(step.spec.name, item, poison.cause))
+                outputs.append(_stage_reject(step.spec.consumer, item, poison.cause))
         return outputs
 
     async def _retrying(
@@ -375,7 +381,7 @@ class ChainRunner:
         the call already made raised, counted as the first attempt."""
         backoff = Backoff(self._stop)
         failures = 0  # consecutive non-transient ones
-        depth = self._metrics.retry_queue_depth.labels(step.spec.name)
+        depth = self._metrics.retry_queue_depth.labels(step.spec.consumer)
         try:
             while True:
                 try:
@@ -384,7 +390,9 @@ class ChainRunner:
                         raise error
                     result = list(await _resolve(step.fn(arg)))
                     if backoff.attempts:
-                        log.info("stage recovered", stage=step.spec.name, retries=backoff.attempts)
+                        log.info(
+                            "stage recovered", stage=step.spec.consumer, retries=backoff.attempts
+                        )
                         self.healthy = True
                     return result
                 except Abandoned:
@@ -399,7 +407,7 @@ class ChainRunner:
                     self.last_error = repr(exc)
                     self.healthy = False
                     depth.set(held)
-                    log.warning("stage failed, retrying", stage=step.spec.name, error=repr(exc))
+                    log.warning("stage failed, retrying", stage=step.spec.consumer, error=repr(exc))
                     await backoff.wait()
         finally:
             depth.set(0)
@@ -413,8 +421,9 @@ class ChainRunner:
             received_at=datetime.now(UTC),
             ingest_seq=_stream_seq(msg),
         )
-        reject = Reject.of(original, reason, f"{self.first.name}: {detail}", self.first.name)
-        log.warning("message sent to the DLQ", stage=self.first.name, reason=str(reason))
+        stage = self.first.consumer
+        reject = Reject.of(original, reason, f"{stage}: {detail}", stage)
+        log.warning("message sent to the DLQ", stage=stage, reason=str(reason))
         count_reject(self._metrics, reason)
         body, hdrs = encode(reject)
         return f"dlq.{reject.reason}", body, hdrs
@@ -439,7 +448,7 @@ class ChainRunner:
                 log.debug("consumer info unavailable", stage=self.name, error=repr(exc))
                 continue
             pending = info.num_pending or 0
-            self._metrics.consumer_pending.labels(self.first.name).set(pending)
+            self._metrics.consumer_pending.labels(self.first.consumer).set(pending)
             idle = self._idle_since
             if pending and idle is not None and time.monotonic() - idle > STALL_S:
                 self._stalled.set()
@@ -479,10 +488,9 @@ def _stage_reject(stage: str, item: Any, exc: BaseException) -> Reject:
     if isinstance(item, IngestMessage):
         original = item
     else:
-        org, unit = getattr(item, "organization_id", None), getattr(item, "einheit_id", None)
         payload = item.model_dump_json() if isinstance(item, BaseModel) else repr(item)
         original = IngestMessage(
-            topic=f"zev/{org}/{unit}/messwert" if org and unit else stage,
+            topic=getattr(item, "topic", stage),
             payload=payload.encode(),
             received_at=getattr(item, "received_at", None) or datetime.now(UTC),
             ingest_seq=getattr(item, "ingest_seq", 0),

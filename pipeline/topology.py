@@ -3,7 +3,10 @@
 Internal streams use work-queue retention (a message is gone once its stage acked it) and
 `discard: new`, so a full stream refuses new input instead of silently dropping old unprocessed
 messages: the refusal travels back to the bridge, which then withholds PUBACKs from the broker.
-`DLQ` and `MESSWERTE` keep limits-based history for inspection and replay.
+`DLQ`, `MESSWERTE` and `BESS_INTERVALS` keep limits-based history for inspection and replay.
+
+Each device kind (ZEV meters, BESS telemetry) has its own rows: the same stage names, its own
+consumers, subjects and stage functions; `pipeline run --stage validate` runs both kinds' rows.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from typing import Any
 
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
+from schemas.bess import BessIntervalMessage, BessPersisted, BessSample
 from schemas.messages import IngestMessage, Persisted, Reading, Reject
 from schemas.output import MesswertMessage
-from stages.mqtt_bridge import SUBSCRIPTION, ingest_subject
+from stages.mqtt_bridge import SUBSCRIPTIONS, ingest_subject
 
 DAY_S = 86_400.0
 DUPLICATE_WINDOW_S = 120.0
@@ -47,12 +51,14 @@ class Stream:
 
 
 STREAMS: tuple[Stream, ...] = (
-    Stream("INGEST", ("ingest.>",)),
-    Stream("VALID", ("valid.>",)),
-    Stream("UNIQUE", ("unique.>",)),
-    Stream("PERSISTED", ("persisted.>",)),
+    # Internal streams carry both device kinds, each under its own subject root.
+    Stream("INGEST", ("ingest.>", "bess.ingest.>")),
+    Stream("VALID", ("valid.>", "bess.valid.>")),
+    Stream("UNIQUE", ("unique.>", "bess.unique.>")),
+    Stream("PERSISTED", ("persisted.>", "bess.persisted.>")),
     Stream("DLQ", ("dlq.>",), work_queue=False, max_age_s=14 * DAY_S, max_msgs=1_000_000),
     Stream("MESSWERTE", ("messwerte.>",), work_queue=False, max_age_s=400 * DAY_S),
+    Stream("BESS_INTERVALS", ("intervals.bess.>",), work_queue=False, max_age_s=400 * DAY_S),
 )
 
 
@@ -60,29 +66,41 @@ def _dlq(m: Reject) -> str:
     return f"dlq.{m.reason}"
 
 
+def _bess(root: str) -> Route:
+    return lambda m: f"bess.{root}.{m.organization_id}.{m.site}.{m.device}"
+
+
 Route = Callable[[Any], str]
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage: what it consumes (a subject of a stream, or another source) and where each
-    kind of output it returns goes. Outputs of a kind with no route are effects (DB) only.
-    Every consumer stage may reject: undecodable or poison input goes to `dlq.{reason}`."""
+    """One stage of one device kind: what it consumes (a subject of a stream, or another
+    source) and where each kind of output it returns goes. Outputs of a kind with no route are
+    effects (DB) only. Every consumer stage may reject: undecodable or poison input goes to
+    `dlq.{reason}`. `--stage NAME` runs a stage for every kind."""
 
     name: str
     reads: str
     stream: str | None
     consumes: type
     writes: Mapping[type, Route] = field(default_factory=dict)
+    kind: str = "zev"
+
+    @property
+    def consumer(self) -> str:
+        """Its durable consumer's name, also its `stage` label in the metrics."""
+        return self.name if self.kind == "zev" else f"{self.name}_{self.kind}"
 
 
 # Fused with validate in one process, the bridge hands its batches to validate in memory
-# instead of publishing them to `ingest.…` (pipeline/app.py).
+# instead of publishing them to `ingest.…` (pipeline/app.py). One bridge serves both kinds.
 # fmt: off
 STAGES: tuple[Stage, ...] = (
     #     name                reads                     stream       consumes        writes
-    Stage("mqtt_bridge",      f"mqtt:{SUBSCRIPTION}",   None,        IngestMessage,
+    Stage("mqtt_bridge",      f"mqtt:{','.join(SUBSCRIPTIONS)}", None, IngestMessage,
           {IngestMessage: lambda m: ingest_subject(m.topic)}),
+    # ZEV meters
     Stage("validate",         "ingest.>",               "INGEST",    IngestMessage,
           {Reading: lambda m: f"valid.{m.organization_id}.{m.einheit_id}", Reject: _dlq}),
     Stage("dedupe",           "valid.>",                "VALID",     Reading,
@@ -93,10 +111,32 @@ STAGES: tuple[Stage, ...] = (
           {Reject: _dlq}),
     Stage("publish",          "db:messwerte_outbox",    None,        MesswertMessage,
           {MesswertMessage: lambda m: m.subject}),
+    # BESS telemetry
+    Stage("validate",         "bess.ingest.>",          "INGEST",    IngestMessage,
+          {BessSample: _bess("valid"), Reject: _dlq}, kind="bess"),
+    Stage("dedupe",           "bess.valid.>",           "VALID",     BessSample,
+          {BessSample: _bess("unique"), Reject: _dlq}, kind="bess"),
+    Stage("persist",          "bess.unique.>",          "UNIQUE",    BessSample,
+          {BessPersisted: _bess("persisted"), Reject: _dlq}, kind="bess"),
+    Stage("window_aggregate", "bess.persisted.>",       "PERSISTED", BessPersisted,  # -> outbox
+          {Reject: _dlq}, kind="bess"),
+    Stage("publish",          "db:bess_interval_outbox", None,       BessIntervalMessage,
+          {BessIntervalMessage: lambda m: m.subject}, kind="bess"),
 )
 # fmt: on
 
-BY_NAME: Mapping[str, Stage] = {s.name: s for s in STAGES}
-STAGE_NAMES: tuple[str, ...] = tuple(BY_NAME)
+KINDS: tuple[str, ...] = ("zev", "bess")
+STAGE_NAMES: tuple[str, ...] = tuple(dict.fromkeys(s.name for s in STAGES))
 #: Stages fed by a JetStream consumer, in pipeline order; the rest have their own sources.
-CONSUMER_STAGES: tuple[str, ...] = tuple(s.name for s in STAGES if s.stream is not None)
+CONSUMER_STAGES: tuple[str, ...] = tuple(
+    dict.fromkeys(s.name for s in STAGES if s.stream is not None)
+)
+
+
+def rows(kind: str) -> tuple[Stage, ...]:
+    """The consumer stages of one device kind, in pipeline order."""
+    return tuple(s for s in STAGES if s.kind == kind and s.stream is not None)
+
+
+#: The meters' rows by stage name (tests and tools that need one consumer stage).
+BY_NAME: Mapping[str, Stage] = {s.name: s for s in STAGES if s.kind == "zev"}

@@ -43,6 +43,10 @@ class RejectReason(StrEnum):
     STAGE_FAILED = "stage_failed"
     #: Delivered `max_deliver` times without being acknowledged: it keeps killing its worker.
     MAX_DELIVERIES = "max_deliveries"
+    #: A BESS payload's `site` or `device` differs from its topic's (design §13).
+    TOPIC_MISMATCH = "topic_mismatch"
+    #: A BESS device not registered in `bess_device`.
+    UNKNOWN_DEVICE = "unknown_device"
 
 
 class IngestMessage(BaseModel):
@@ -63,9 +67,10 @@ class IngestMessage(BaseModel):
     )
 
 
-def internal_msg_id(einheit_id: int, timestamp: datetime, content_hash: str, seq: int) -> str:
-    """`Nats-Msg-Id` on internal subjects: key, content hash and the originating ingest message."""
-    return f"{einheit_id}:{_epoch_us(timestamp)}:{content_hash}:{seq}"
+def internal_msg_id(source: int | str, timestamp: datetime, content_hash: str, seq: int) -> str:
+    """`Nats-Msg-Id` on internal subjects: key (the unit, or a BESS device), content hash and
+    the originating ingest message."""
+    return f"{source}:{_epoch_us(timestamp)}:{content_hash}:{seq}"
 
 
 class Reading(BaseModel):
@@ -86,6 +91,11 @@ class Reading(BaseModel):
     #: Came through a JetStream redelivery somewhere upstream, so it may be older than
     #: readings already seen: it must not move the state of `dedupe` (see there).
     redelivered: bool = False
+
+    @property
+    def topic(self) -> str:
+        """The MQTT topic a reading of this unit arrives on."""
+        return f"zev/{self.organization_id}/{self.einheit_id}/messwert"
 
     @property
     def key(self) -> tuple[int, datetime]:
@@ -136,6 +146,10 @@ class Persisted(BaseModel):
     timestamp: datetime
     content_hash: str
     ingest_seq: int = 0
+
+    @property
+    def topic(self) -> str:
+        return f"zev/{self.organization_id}/{self.einheit_id}/messwert"
 
     @property
     def msg_id(self) -> str:

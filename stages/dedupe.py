@@ -19,14 +19,33 @@ Repeats the LRU has forgotten are caught by persist's upsert, which ignores unch
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Hashable
 from datetime import datetime
-
-from schemas.messages import Reading
+from typing import Protocol, TypeVar
 
 DEFAULT_CAPACITY = 100_000
 
-Key = tuple[int, datetime]
+Key = Hashable
 State = tuple[str, tuple[datetime, int]]
+
+
+class Keyed(Protocol):
+    """What dedupe needs of a reading or a BESS sample."""
+
+    @property
+    def key(self) -> Hashable: ...
+
+    @property
+    def order(self) -> tuple[datetime, int]: ...
+
+    @property
+    def content_hash(self) -> str: ...
+
+    @property
+    def redelivered(self) -> bool: ...
+
+
+R = TypeVar("R", bound=Keyed)
 
 
 class _Lru:
@@ -54,13 +73,15 @@ class _Lru:
 
 
 class Dedupe:
-    """Stage `dedupe`: `Reading` -> the same `Reading`, or nothing for an exact repeat."""
+    """Stage `dedupe`: a reading (or BESS sample) -> the same, or nothing for an exact repeat.
+
+    One instance serves one kind: the keys of meters and devices never meet."""
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
         self._last = _Lru(capacity)
         self.duplicates = 0
 
-    def __call__(self, reading: Reading) -> list[Reading]:
+    def __call__(self, reading: R) -> list[R]:
         if reading.redelivered:
             return [reading]
         key = reading.key

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 import structlog
+from pydantic import BaseModel
 
 from schemas.messages import IngestMessage, Persisted, Reading, Reject, RejectReason
 from stages.db import Database
@@ -63,9 +65,21 @@ SELECT einheit_id, timestamp FROM upserted WHERE verarbeitet IS NOT TRUE
 """
 
 
-def collapse(batch: Sequence[Reading]) -> list[Reading]:
+class Keyed(Protocol):
+    @property
+    def key(self) -> Any: ...
+
+    @property
+    def order(self) -> tuple[datetime, int]: ...
+
+
+R = TypeVar("R", bound=Keyed)
+R_in = TypeVar("R_in", bound=Keyed, contravariant=True)
+
+
+def collapse(batch: Sequence[R]) -> list[R]:
     """One reading per key, the latest in broker order winning, in key order."""
-    latest: dict[tuple[int, datetime], Reading] = {}
+    latest: dict[Any, R] = {}
     for reading in batch:
         held = latest.get(reading.key)
         if held is None or reading.order >= held.order:
@@ -73,28 +87,25 @@ def collapse(batch: Sequence[Reading]) -> list[Reading]:
     return [latest[key] for key in sorted(latest)]
 
 
-class Persist:
-    """Stage `persist` (batched): readings -> `Persisted` for every inserted or changed row."""
+class RawTable(Protocol[R_in]):
+    """How one kind's raw rows are written: the part of persist that differs between kinds."""
 
-    batched = True
+    def upsert(self, rows: Sequence[R_in]) -> tuple[str, list[Any]]:
+        """The statement and its arguments; it returns the key columns of new or changed rows."""
+        ...
 
-    def __init__(self, pool: Database) -> None:
-        self._pool = pool
+    def key_of(self, record: Any) -> Any: ...
 
-    async def __call__(self, batch: Sequence[Reading]) -> list[Persisted | Reject]:
-        rows = collapse(batch)
-        if not rows:
-            return []
-        try:
-            changed = await self._upsert(rows)
-        except ROW_REFUSED:
-            # One poison row must not fail its batch-mates: retry them one at a time.
-            return await self._one_by_one(rows)
-        return _persisted(rows, changed)
+    def persisted(self, row: R_in) -> BaseModel: ...
 
-    async def _upsert(self, rows: Sequence[Reading]) -> set[tuple[int, datetime]]:
-        result = await self._pool.fetch(
-            UPSERT_SQL,
+    def refused(self, row: R_in, exc: Exception) -> Reject: ...
+
+
+class Meters:
+    """`zaehler_rohdaten`: meter readings."""
+
+    def upsert(self, rows: Sequence[Reading]) -> tuple[str, list[Any]]:
+        return UPSERT_SQL, [
             [r.einheit_id for r in rows],
             [r.organization_id for r in rows],
             [r.timestamp for r in rows],
@@ -105,46 +116,70 @@ class Persist:
             [r.received_at for r in rows],
             [r.quelle for r in rows],
             [r.ingest_seq for r in rows],
-        )
-        return {(rec["einheit_id"], rec["timestamp"]) for rec in result}
+        ]
 
-    async def _one_by_one(self, rows: Sequence[Reading]) -> list[Persisted | Reject]:
-        out: list[Persisted | Reject] = []
+    def key_of(self, record: Any) -> tuple[int, datetime]:
+        return (record["einheit_id"], record["timestamp"])
+
+    def persisted(self, row: Reading) -> Persisted:
+        return Persisted(
+            organization_id=row.organization_id,
+            einheit_id=row.einheit_id,
+            timestamp=row.timestamp,
+            content_hash=row.content_hash,
+            ingest_seq=row.ingest_seq,
+        )
+
+    def refused(self, row: Reading, exc: Exception) -> Reject:
+        return refused(row, row.topic, exc)
+
+
+class Persist:
+    """Stage `persist` (batched): readings -> a persisted event for every inserted or changed
+    row. `table` says which table and how; meter readings by default."""
+
+    batched = True
+
+    def __init__(self, pool: Database, table: RawTable[Any] | None = None) -> None:
+        self._pool = pool
+        self._table: RawTable[Any] = table if table is not None else Meters()
+
+    async def __call__(self, batch: Sequence[Any]) -> list[BaseModel]:
+        rows = collapse(batch)
+        if not rows:
+            return []
+        try:
+            changed = await self._upsert(rows)
+        except ROW_REFUSED:
+            # One poison row must not fail its batch-mates: retry them one at a time.
+            return await self._one_by_one(rows)
+        return [self._table.persisted(r) for r in rows if r.key in changed]
+
+    async def _upsert(self, rows: Sequence[Any]) -> set[Any]:
+        sql, args = self._table.upsert(rows)
+        return {self._table.key_of(record) for record in await self._pool.fetch(sql, *args)}
+
+    async def _one_by_one(self, rows: Sequence[Any]) -> list[BaseModel]:
+        out: list[BaseModel] = []
         for row in rows:
             try:
                 changed = await self._upsert([row])
             except ROW_REFUSED as exc:
-                log.warning(
-                    "row refused by the database", einheit_id=row.einheit_id, error=str(exc)
-                )
-                out.append(_reject(row, exc))
+                log.warning("row refused by the database", key=str(row.key), error=str(exc))
+                out.append(self._table.refused(row, exc))
                 continue
-            out.extend(_persisted([row], changed))
+            if row.key in changed:
+                out.append(self._table.persisted(row))
         return out
 
 
-def _persisted(
-    rows: Sequence[Reading], changed: set[tuple[int, datetime]]
-) -> list[Persisted | Reject]:
-    return [
-        Persisted(
-            organization_id=r.organization_id,
-            einheit_id=r.einheit_id,
-            timestamp=r.timestamp,
-            content_hash=r.content_hash,
-            ingest_seq=r.ingest_seq,
-        )
-        for r in rows
-        if r.key in changed
-    ]
-
-
-def _reject(row: Reading, exc: Exception) -> Reject:
+def refused(row: BaseModel, topic: str, exc: Exception) -> Reject:
+    """A row the database refused, for `dlq.persist_failed`, with the row as its payload."""
     original = IngestMessage(
-        topic=f"zev/{row.organization_id}/{row.einheit_id}/messwert",
+        topic=topic,
         payload=row.model_dump_json().encode(),
-        received_at=row.received_at,
-        ingest_seq=row.ingest_seq,
+        received_at=row.received_at,  # type: ignore[attr-defined]
+        ingest_seq=row.ingest_seq,  # type: ignore[attr-defined]
     )
     return Reject.of(
         original, RejectReason.PERSIST_FAILED, f"database refused the row: {exc}", STAGE

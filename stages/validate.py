@@ -8,19 +8,20 @@ an error). A reading in the future is stored anyway, with a warning.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
 import structlog
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from schemas.messages import IngestMessage, Reading, Reject, RejectReason
 from schemas.payload import MesswertPayload
-from stages.db import Database
+from stages.directory import EinheitCache
+
+__all__ = ["EinheitCache", "Refused", "Validate", "parse_json_object", "parse_payload"]
 
 log = structlog.get_logger("stages.validate")
 
@@ -36,10 +37,13 @@ _REASON_BY_ERROR = {
     "invalid_timestamp": RejectReason.INVALID_TIMESTAMP,
     "negative_value": RejectReason.NEGATIVE_VALUE,
     "out_of_range": RejectReason.OUT_OF_RANGE,
+    "invalid_number": RejectReason.INVALID_NUMBER,
 }
 
 
-class _Refused(Exception):
+class Refused(Exception):
+    """The input is refused for `reason`; `detail` says why, for the DLQ entry and the log."""
+
     def __init__(self, reason: RejectReason, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
@@ -52,52 +56,11 @@ class UnitDirectory(Protocol):
     async def organization_of(self, einheit_id: int) -> UUID | None: ...
 
 
-class EinheitCache:
-    """Units from the `einheit` table, cached.
-
-    A unit not in the cache is looked up at once (and a miss remembered for `miss_ttl_s`), so
-    a unit inserted while the pipeline runs is recognised within that time; the whole table
-    is re-read every `refresh_s` to notice a unit that moved to another organization.
-    """
-
-    def __init__(self, pool: Database, *, refresh_s: float = 30.0, miss_ttl_s: float = 1.0) -> None:
-        self._pool = pool
-        self._refresh_s = refresh_s
-        self._miss_ttl_s = miss_ttl_s
-        self._units: dict[int, UUID] = {}
-        self._misses: dict[int, float] = {}
-        self._loaded_at = float("-inf")
-
-    async def organization_of(self, einheit_id: int) -> UUID | None:
-        now = time.monotonic()
-        if now - self._loaded_at > self._refresh_s:
-            rows = await self._pool.fetch("SELECT id, organization_id FROM einheit")
-            self._units = {row["id"]: row["organization_id"] for row in rows}
-            self._misses.clear()
-            self._loaded_at = now
-        org = self._units.get(einheit_id)
-        if org is not None:
-            return org
-        missed_at = self._misses.get(einheit_id)
-        if missed_at is not None and now - missed_at < self._miss_ttl_s:
-            return None
-        row = await self._pool.fetchrow(
-            "SELECT organization_id FROM einheit WHERE id = $1", einheit_id
-        )
-        if row is None:
-            if len(self._misses) > 100_000:  # a flood of made-up ids must not grow memory
-                self._misses.clear()
-            self._misses[einheit_id] = now
-            return None
-        self._units[einheit_id] = row["organization_id"]
-        return row["organization_id"]  # type: ignore[no-any-return]
-
-
 def parse_topic(topic: str) -> tuple[UUID, int]:
     """`zev/{organizationId}/{einheitId}/messwert` -> (organization UUID, positive unit id)."""
     parts = topic.split("/")
     if len(parts) != 4 or parts[0] != "zev" or parts[3] != "messwert":
-        raise _Refused(
+        raise Refused(
             RejectReason.INVALID_TOPIC,
             f"topic {topic[:200]!r} is not zev/{{org}}/{{einheit}}/messwert",
         )
@@ -107,21 +70,21 @@ def parse_topic(topic: str) -> tuple[UUID, int]:
             raise ValueError
         org = UUID(org_text)
     except ValueError:
-        raise _Refused(
+        raise Refused(
             RejectReason.INVALID_TOPIC, f"organizationId {org_text[:80]!r} is not a UUID"
         ) from None
     if not (unit_text.isascii() and unit_text.isdigit() and len(unit_text) <= 18):
-        raise _Refused(
+        raise Refused(
             RejectReason.INVALID_TOPIC, f"einheitId {unit_text[:80]!r} is not a positive integer"
         )
     einheit_id = int(unit_text)
     if einheit_id <= 0:
-        raise _Refused(RejectReason.INVALID_TOPIC, f"einheitId {unit_text!r} is not positive")
+        raise Refused(RejectReason.INVALID_TOPIC, f"einheitId {unit_text!r} is not positive")
     return org, einheit_id
 
 
 def _no_constants(name: str) -> Any:
-    raise _Refused(RejectReason.INVALID_NUMBER, f"{name} is not a number JSON allows")
+    raise Refused(RejectReason.INVALID_NUMBER, f"{name} is not a number JSON allows")
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -129,7 +92,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len(result) != len(pairs):
         keys = [key for key, _ in pairs]
         dupes = sorted({key for key in keys if keys.count(key) > 1})
-        raise _Refused(RejectReason.INVALID_JSON, f"duplicate keys {dupes[:5]}")
+        raise Refused(RejectReason.INVALID_JSON, f"duplicate keys {dupes[:5]}")
     return result
 
 
@@ -142,14 +105,15 @@ def _is_unicode(data: Any) -> bool:
     return True
 
 
-def parse_payload(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> MesswertPayload:
-    """Decode and validate a payload; raises `_Refused` with the reason of the first problem."""
+def parse_json_object(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> dict[str, Any]:
+    """Decode a payload as one JSON object under the JSON rules of design §3 (size, UTF-8, no
+    NaN/Infinity, no duplicate keys, bounded nesting); numbers come back as exact `Decimal`s."""
     if len(payload) > max_bytes:
-        raise _Refused(
+        raise Refused(
             RejectReason.PAYLOAD_TOO_LARGE, f"payload of {len(payload)} bytes exceeds {max_bytes}"
         )
     if not payload.strip():
-        raise _Refused(RejectReason.INVALID_JSON, "payload is empty")
+        raise Refused(RejectReason.INVALID_JSON, "payload is empty")
     try:
         text = payload.decode("utf-8")
         # Numbers parse straight to Decimal (no float rounding); NaN/Infinity and duplicate
@@ -162,38 +126,52 @@ def parse_payload(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) ->
             object_pairs_hook=_unique_keys,
         )
     except UnicodeDecodeError as exc:
-        raise _Refused(RejectReason.INVALID_JSON, f"payload is not UTF-8: {exc.reason}") from None
+        raise Refused(RejectReason.INVALID_JSON, f"payload is not UTF-8: {exc.reason}") from None
     except json.JSONDecodeError as exc:
-        raise _Refused(
+        raise Refused(
             RejectReason.INVALID_JSON, f"payload is not JSON: {exc.msg} at {exc.pos}"
         ) from None
     except RecursionError:
-        raise _Refused(RejectReason.INVALID_JSON, "payload is nested too deeply") from None
+        raise Refused(RejectReason.INVALID_JSON, "payload is nested too deeply") from None
     if "\\u" in text.lower() and not _is_unicode(data):
-        raise _Refused(RejectReason.INVALID_JSON, "payload has a lone surrogate escape (\\ud800…)")
+        raise Refused(RejectReason.INVALID_JSON, "payload has a lone surrogate escape (\\ud800…)")
     if not isinstance(data, dict):
-        raise _Refused(
+        raise Refused(
             RejectReason.NOT_AN_OBJECT, f"payload is a JSON {type(data).__name__}, not an object"
         )
+    return data
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_model(model: type[M], data: dict[str, Any], required: Collection[str]) -> M:
+    """`data` as `model`, or `Refused` with the reason of its first problem."""
     try:
-        return MesswertPayload.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        raise _refusal_of(exc) from None
+        raise refusal_of(exc, required) from None
 
 
-def _refusal_of(exc: ValidationError) -> _Refused:
+def parse_payload(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> MesswertPayload:
+    """Decode and validate a payload; raises `Refused` with the reason of the first problem."""
+    return validate_model(MesswertPayload, parse_json_object(payload, max_bytes), _REQUIRED)
+
+
+def refusal_of(exc: ValidationError, required: Collection[str]) -> Refused:
+    """The reject a pydantic error stands for: its type is the reason where it is one."""
     errors = exc.errors(include_url=False, include_input=True)
     first = errors[0]
     field = ".".join(str(p) for p in first["loc"]) or "payload"
     kind = first["type"]
     reason = _REASON_BY_ERROR.get(kind)
     if reason is None:
-        if first.get("input", ...) is None and field in _REQUIRED:
+        if first.get("input", ...) is None and field in required:
             reason = RejectReason.MISSING_FIELD
         else:
             reason = RejectReason.INVALID_NUMBER
     detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {_message(e)}" for e in errors[:5])
-    return _Refused(reason, detail)
+    return Refused(reason, detail)
 
 
 _REQUIRED = {"timestamp", "verbrauch", "einspeisung"}
@@ -228,7 +206,7 @@ class Validate:
     async def __call__(self, msg: IngestMessage) -> list[Reading | Reject]:
         try:
             return [await self._validate(msg)]
-        except _Refused as refused:
+        except Refused as refused:
             self._log_reject(msg, refused)
             return [Reject.of(msg, refused.reason, refused.detail, STAGE)]
 
@@ -243,7 +221,7 @@ class Validate:
         org, einheit_id = parsed
         size = msg.payload_size or len(msg.payload)
         if size > self._max_payload_bytes:
-            raise _Refused(
+            raise Refused(
                 RejectReason.PAYLOAD_TOO_LARGE,
                 f"payload of {size} bytes exceeds {self._max_payload_bytes}",
             )
@@ -252,20 +230,20 @@ class Validate:
     async def _validate(self, msg: IngestMessage) -> Reading:
         try:
             org, einheit_id, payload = self._parse(msg)
-        except _Refused:
+        except Refused:
             raise
         except Exception as exc:
             # Parsing is deterministic: whatever it raises, the message would raise again on
             # every retry. Reject it rather than hold up every message behind it.
             log.error("unexpected error parsing a message", error=repr(exc), topic=msg.topic[:200])
-            raise _Refused(
+            raise Refused(
                 RejectReason.UNDECODABLE, f"message could not be parsed: {exc!r}"
             ) from None
         owner = await self._units.organization_of(einheit_id)
         if owner is None:
-            raise _Refused(RejectReason.UNKNOWN_UNIT, f"einheit {einheit_id} is unknown")
+            raise Refused(RejectReason.UNKNOWN_UNIT, f"einheit {einheit_id} is unknown")
         if owner != org:
-            raise _Refused(
+            raise Refused(
                 RejectReason.ORGANIZATION_MISMATCH,
                 f"einheit {einheit_id} does not belong to organization {org}",
             )
@@ -290,7 +268,7 @@ class Validate:
         )
 
     @staticmethod
-    def _log_reject(msg: IngestMessage, refused: _Refused) -> None:
+    def _log_reject(msg: IngestMessage, refused: Refused) -> None:
         fields = {"reason": str(refused.reason), "detail": refused.detail, "topic": msg.topic[:200]}
         if refused.reason is RejectReason.ORGANIZATION_MISMATCH:
             log.error("security: unit published under another organization", **fields)

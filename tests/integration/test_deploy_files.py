@@ -171,6 +171,6 @@ def test_dockerfile_exposes_the_http_port_and_runs_the_cli() -> None:
 
 def test_readme_metrics_table_lists_exactly_what_the_workers_export() -> None:
     readme = (ROOT / "README.md").read_text()
-    listed = set(re.findall(r"^\| `((?:zev|pipeline)_[a-z_]+)` \|", readme, re.M))
+    listed = set(re.findall(r"^\| `((?:zev|pipeline|bess)_[a-z_]+)` \|", readme, re.M))
     exported = {family.name for family in Metrics().registry.collect()}
     assert {name.removesuffix("_total") for name in listed} == exported

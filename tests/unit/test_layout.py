@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.app import chains
-from pipeline.topology import BY_NAME, CONSUMER_STAGES, STAGES, STREAMS
+from pipeline.topology import CONSUMER_STAGES, KINDS, STAGES, STREAMS, rows
 from schemas.output import SCHEMA_FILE, json_schema
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,25 +38,51 @@ def test_every_consumed_subject_belongs_to_its_stream() -> None:
         assert any(subject.startswith(prefix) for subject in streams[stage.stream].subjects)
 
 
-def test_each_stage_consumes_what_the_previous_one_writes() -> None:
-    for before, after in itertools.pairwise(CONSUMER_STAGES):
-        assert BY_NAME[after].consumes in BY_NAME[before].writes
+def test_each_stage_consumes_what_the_previous_one_of_its_kind_writes() -> None:
+    for kind in KINDS:
+        for before, after in itertools.pairwise(rows(kind)):
+            assert after.consumes in before.writes
 
 
-def test_split_mode_runs_one_consumer_per_stage() -> None:
-    assert chains(["validate", "dedupe", "persist"], "split") == [
+def test_consumers_of_one_stream_take_disjoint_subjects() -> None:
+    """A work-queue stream refuses overlapping consumers: each kind has its own subject root."""
+    for stream in STREAMS:
+        reads = [s.reads.removesuffix(">") for s in STAGES if s.stream == stream.name]
+        for a, b in itertools.permutations(reads, 2):
+            assert not a.startswith(b), (stream.name, a, b)
+
+
+def _consumers(names: list[str], mode: str) -> list[list[str]]:
+    return [[row.consumer for row in group] for group in chains(names, mode)]  # type: ignore[arg-type]
+
+
+def test_split_mode_runs_one_consumer_per_stage_and_kind() -> None:
+    assert _consumers(["validate", "dedupe", "persist"], "split") == [
         ["validate"],
         ["dedupe"],
         ["persist"],
+        ["validate_bess"],
+        ["dedupe_bess"],
+        ["persist_bess"],
     ]
 
 
-def test_fused_mode_chains_consecutive_stages() -> None:
-    assert chains(CONSUMER_STAGES, "fused") == [list(CONSUMER_STAGES)]
-    assert chains(["validate", "persist", "window_aggregate"], "fused") == [
+def test_fused_mode_chains_consecutive_stages_of_one_kind() -> None:
+    assert _consumers(list(CONSUMER_STAGES), "fused") == [
+        list(CONSUMER_STAGES),
+        [f"{name}_bess" for name in CONSUMER_STAGES],
+    ]
+    assert _consumers(["validate", "persist", "window_aggregate"], "fused") == [
         ["validate"],
         ["persist", "window_aggregate"],
+        ["validate_bess"],
+        ["persist_bess", "window_aggregate_bess"],
     ]
+
+
+def test_every_kind_has_every_consumer_stage_in_order() -> None:
+    for kind in KINDS:
+        assert tuple(row.name for row in rows(kind)) == CONSUMER_STAGES
 
 
 def test_shipped_json_schema_matches_the_model() -> None:

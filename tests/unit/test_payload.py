@@ -8,7 +8,7 @@ from decimal import Decimal
 import pytest
 
 from schemas.messages import RejectReason
-from stages.validate import _Refused, parse_payload, parse_topic
+from stages.validate import Refused, parse_payload, parse_topic
 
 GOOD = {"timestamp": "2025-12-24T14:30:00Z", "verbrauch": 1.25, "einspeisung": 0.0}
 
@@ -19,7 +19,7 @@ def payload(**changes: object) -> bytes:
 
 
 def reason_of(raw: bytes) -> RejectReason:
-    with pytest.raises(_Refused) as caught:
+    with pytest.raises(Refused) as caught:
         parse_payload(raw)
     return caught.value.reason
 
@@ -163,7 +163,7 @@ def test_negative_zero_is_zero() -> None:
     ],
 )
 def test_bad_topic_is_rejected(topic: str) -> None:
-    with pytest.raises(_Refused) as caught:
+    with pytest.raises(Refused) as caught:
         parse_topic(topic)
     assert caught.value.reason == RejectReason.INVALID_TOPIC
 

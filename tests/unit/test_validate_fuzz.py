@@ -1,5 +1,6 @@
-"""Property: no bytes and no topic crash the bridge's pure half or validate. Whatever comes in
-becomes exactly one `Reading` or one `Reject`, and a `Reading` keeps the payload rules."""
+"""Property: no bytes and no topic crash the bridge's pure half or validate, of either kind.
+Whatever comes in becomes exactly one `Reading` (or `BessSample`) or one `Reject`, and what
+passes keeps the payload rules."""
 
 from __future__ import annotations
 
@@ -13,15 +14,18 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from schemas.bess import BessSample
 from schemas.messages import Reading, Reject
-from stages.mqtt_bridge import UNROUTABLE_SUBJECT, ingest_subject, to_ingest
+from stages.mqtt_bridge import ROUTES, ingest_subject, route_of, to_ingest
 from stages.validate import Validate
+from stages.validate_bess import ValidateBess
 from tests.corpus.hostile import GOOD, ORG_A, TOPIC
 from tests.unit.test_hostile_corpus import Registered
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 LIMIT = 64 * 1024
-SUBJECT = re.compile(r"ingest\.[A-Za-z0-9_-]{1,64}\.[A-Za-z0-9_-]{1,64}")
+SUBJECT = re.compile(r"(bess\.)?ingest\.[A-Za-z0-9_-]{1,64}\.[A-Za-z0-9_-]{1,64}")
+UNROUTABLE = {route.unroutable for route in ROUTES}
 FIELDS = [
     "timestamp",
     "verbrauch",
@@ -45,8 +49,26 @@ json_values = st.recursive(
 meter_like = st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=6).map(
     lambda d: json.dumps(d).encode()
 )
+
+
+class Devices:
+    async def organization_of(self, site: str, device: str) -> Any:
+        return ORG_A if (site, device) == ("site1", "bess1") else None
+
+
+bess_like = st.dictionaries(
+    st.sampled_from(["ts", "soc", "p", "p_ch", "p_dis", "v_dc", "i_dc", "t_cell_max", "soh",
+                     "alarms", "site", "device"]),
+    json_values,
+    max_size=12,
+).map(lambda d: json.dumps(d).encode())  # fmt: skip
 topics = st.one_of(
     st.text(max_size=200),
+    st.builds(
+        lambda site, device: f"bess/{site}/{device}/telemetry",
+        st.one_of(st.just("site1"), st.text(max_size=70)),
+        st.one_of(st.just("bess1"), st.text(max_size=70)),
+    ),
     st.builds(
         lambda org, unit: f"zev/{org}/{unit}/messwert",
         st.one_of(st.just(str(ORG_A)), st.uuids().map(str), st.text(max_size=40)),
@@ -57,16 +79,21 @@ topics = st.one_of(
 
 def verdict(topic: str, payload: bytes) -> list[Any]:
     subject = ingest_subject(topic)
-    assert subject == UNROUTABLE_SUBJECT or SUBJECT.fullmatch(subject)
+    assert subject in UNROUTABLE or SUBJECT.fullmatch(subject)
     envelope = to_ingest(topic, payload, NOW, LIMIT)
+    if route_of(topic).kind == "bess":
+        return asyncio.run(ValidateBess(Devices(), clock=lambda: NOW)(envelope))
     return asyncio.run(Validate(Registered())(envelope))
 
 
 def check(outcome: list[Any]) -> None:
     assert len(outcome) == 1
     [out] = outcome
-    assert isinstance(out, Reading | Reject)
-    if isinstance(out, Reading):
+    assert isinstance(out, Reading | BessSample | Reject)
+    if isinstance(out, BessSample):
+        assert 0 <= out.soc <= 100
+        assert abs(out.p) <= 1_000_000
+    elif isinstance(out, Reading):
         assert out.timestamp.tzinfo is not None
         for value in (out.verbrauch, out.einspeisung):
             assert Decimal(0) <= value < Decimal(10**8)
@@ -90,3 +117,9 @@ def test_no_json_shaped_like_a_reading_crashes_validate(payload: bytes) -> None:
 @given(junk=st.binary(min_size=1, max_size=64))
 def test_junk_after_a_good_payload_is_rejected_not_crashed(junk: bytes) -> None:
     check(verdict(TOPIC, GOOD + junk))
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(payload=bess_like)
+def test_no_json_shaped_like_a_bess_sample_crashes_validate(payload: bytes) -> None:
+    check(verdict("bess/site1/bess1/telemetry", payload))
