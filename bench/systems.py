@@ -145,7 +145,7 @@ def start(
         port = free_port()
         popen = subprocess.Popen(
             [sys.executable, "-m", "pipeline", "run", "--mode", kind, *args],
-            env={**os.environ, **env, "PIPELINE_HTTP_PORT": str(port)},
+            env={**os.environ, "PIPELINE_API_PORT": "0", **env, "PIPELINE_HTTP_PORT": str(port)},
             stdout=subprocess.DEVNULL,
             stderr=(logdir / f"{kind}-{name}.log").open("wb"),
             stdin=subprocess.DEVNULL,

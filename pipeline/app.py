@@ -15,7 +15,9 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal, TypeVar
 
 import structlog
+from aiohttp import web
 
+from pipeline.api import IngestApi
 from pipeline.bridge import MqttBridge, Sink
 from pipeline.broker import declare_streams, make_broker
 from pipeline.config import Settings, redact
@@ -27,9 +29,11 @@ from pipeline.migrations import migrate
 from pipeline.publisher import OutboxPublisher
 from pipeline.retry import Abandoned, Backoff, first_of
 from pipeline.runner import ChainRunner, Redelivery, Step
+from pipeline.tokens import TokenCache
 from pipeline.topology import KINDS, STAGE_NAMES, Stage, rows
 from stages.dedupe import Dedupe
 from stages.directory import DeviceCache, EinheitCache
+from stages.http_ingest import BESS_PATH, METER_PATH
 from stages.persist import Persist
 from stages.persist_bess import BessTelemetry
 from stages.publish import BESS_INTERVALS, MESSWERTE
@@ -42,7 +46,7 @@ log = structlog.get_logger("pipeline.app")
 
 Mode = Literal["split", "fused"]
 T = TypeVar("T")
-DB_STAGES = {"validate", "persist", "window_aggregate", "publish"}
+DB_STAGES = {"validate", "persist", "window_aggregate", "publish", "http_ingest"}
 DRAIN_TIMEOUT_S = 8.0
 COALESCE_S = 0.25
 Window = WindowAggregate | WindowAggregateBess
@@ -118,7 +122,7 @@ class Pipeline:
         )
         pool: TimedPool | None = None
         tasks: list[asyncio.Task[Any]] = []
-        http = None
+        http = api = None
         try:
             await self._until_up("nats", lambda: declare_streams(js, s.stream_replicas))
             if DB_STAGES & set(self.stages):
@@ -147,6 +151,8 @@ class Pipeline:
                 except OSError as exc:
                     # Losing the health/metrics endpoint must not stop readings from flowing.
                     log.error("HTTP server not started", port=s.http_port, error=str(exc))
+            if pool is not None and "http_ingest" in self.stages and s.api_port:
+                api = await self._serve_api(js, pool, tasks)
             mqtt = self.health.components.get("mqtt")
             if isinstance(mqtt, MqttHealth):
                 # "Ready" means a device's message will be taken: the subscription stands.
@@ -162,6 +168,9 @@ class Pipeline:
             self.ready.set()
             await self.stop.wait()
             log.info("draining")
+            if api is not None:  # no new requests; those in flight finish first
+                await api.cleanup()
+                api = None
             _, pending = await asyncio.wait(tasks, timeout=DRAIN_TIMEOUT_S)
             for task in pending:
                 task.cancel()
@@ -169,8 +178,9 @@ class Pipeline:
         finally:
             for task in tasks:
                 task.cancel()
-            if http is not None:
-                await http.cleanup()
+            for runner in (api, http):
+                if runner is not None:
+                    await runner.cleanup()
             if pool is not None:
                 await pool.close()
             await _close_nats(broker, nc)
@@ -223,6 +233,33 @@ class Pipeline:
                 self.health.components[name] = Probe(lambda p=publisher: p.healthy)
                 tasks.append(asyncio.create_task(publisher.run(), name=name))
         return tasks
+
+    async def _serve_api(
+        self, js: Any, pool: TimedPool, tasks: list[asyncio.Task[Any]]
+    ) -> web.AppRunner | None:
+        """Stage `http_ingest`: the ingest API, judging items with the validate stage functions."""
+        s = self.settings
+        tokens = TokenCache(pool)
+        impls = self._stage_functions(pool)
+        api = IngestApi(
+            js=js,
+            db=pool,
+            tokens=tokens,
+            judges={METER_PATH: impls[("validate", "zev")], BESS_PATH: impls[("validate", "bess")]},
+            health=self.health,
+            metrics=self.metrics,
+            max_body_bytes=s.api_max_body_bytes,
+        )
+        try:
+            runner = await serve(api.app(), s.http_host, s.api_port)
+        except OSError as exc:
+            error = str(exc)
+            self.health.components["api"] = Probe(lambda: False, lambda: {"error": error})
+            log.error("ingest API not started", port=s.api_port, error=error)
+            return None
+        self.health.components["api"] = Probe(lambda: True, lambda: {"port": s.api_port})
+        tasks.append(asyncio.create_task(tokens.record_use(self.stop), name="token-use"))
+        return runner
 
     def _stage_functions(self, pool: TimedPool | None) -> dict[tuple[str, str], Any]:
         """The stage callable of each (stage, kind) this process can run."""

@@ -127,7 +127,9 @@ def json_schemas() -> dict[str, dict[str, Any]]:
 
 
 def files() -> dict[str, str]:
-    out = {"asyncapi.json": _dump(document())}
+    from pipeline import openapi
+
+    out = {"asyncapi.json": _dump(document()), "openapi.json": _dump(openapi.document())}
     out.update({name: _dump(schema) for name, schema in json_schemas().items()})
     return out
 

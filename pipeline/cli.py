@@ -1,4 +1,5 @@
-"""Command line (`pipeline`, also `python -m pipeline`): demo, migrate, run, import-csv (§8)."""
+"""Command line (`pipeline`, also `python -m pipeline`): demo, migrate, run, import-csv, token,
+tail, asyncapi (§8)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     tail.add_argument("--count", type=int, default=None, metavar="N", help="stop after N")
     tail.add_argument("--json", action="store_true", help="print each message's JSON")
+    token = verbs.add_parser("token", help="API tokens of the ingest API (design §12)")
+    token_verbs = token.add_subparsers(dest="token_verb", required=True)
+    create = token_verbs.add_parser("create", help="a new token; printed once, on the last line")
+    create.add_argument("--org", type=UUID, required=True, metavar="UUID")
+    create.add_argument("--name", required=True, metavar="NAME")
+    token_verbs.add_parser("list", help="name, organization, created, last used, revoked")
+    revoke = token_verbs.add_parser("revoke", help="revoke a token (within 5 s everywhere)")
+    revoke.add_argument("name", metavar="NAME")
     imp = verbs.add_parser("import-csv", help="feed CSV readings through the pipeline (quelle=CSV)")
     imp.add_argument("file", type=Path, metavar="FILE")
     return parser
@@ -68,6 +77,39 @@ async def _run_workers(settings: Settings, stages: Sequence[str], mode: str) -> 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, pipeline.stop.set)
     await pipeline.run()
+
+
+async def _token(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncpg
+
+    from pipeline import tokens
+    from pipeline.migrations import migrate
+
+    await migrate(settings.database_url)
+    db = await asyncpg.connect(settings.database_url)
+    try:
+        if args.token_verb == "create":
+            try:
+                token = await tokens.create(db, args.org, args.name)
+            except asyncpg.UniqueViolationError:
+                print(f"token: a token named {args.name!r} exists already", file=sys.stderr)
+                return 1
+            print(f"token {args.name!r} for organization {args.org}; it is shown only now:")
+            print(token)
+            return 0
+        if args.token_verb == "list":
+            print("name\torganization\tcreated\tlast used\trevoked")
+            for info in await tokens.listing(db):
+                row = tokens.describe(info)
+                print("\t".join(str(row[k] or "-") for k in row))
+            return 0
+        if await tokens.revoke(db, args.name):
+            print(f"token {args.name!r} revoked")
+            return 0
+        print(f"token: no active token named {args.name!r}", file=sys.stderr)
+        return 1
+    finally:
+        await db.close()
 
 
 def _use_uvloop() -> None:
@@ -120,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         asyncio.run(tail(settings.nats_servers, options, sys.stdout))
         return 0
+    if args.verb == "token":
+        return asyncio.run(_token(settings, args))
     if args.verb == "import-csv":
         from pipeline.csv_import import import_csv
 

@@ -19,6 +19,7 @@ RECEIVED_HEADER = "Received-At"
 MSG_ID_HEADER = "Nats-Msg-Id"
 SIZE_HEADER = "Payload-Size"
 SOURCE_HEADER = "Quelle"
+ORGANIZATION_HEADER = "Organization-Id"
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -32,6 +33,8 @@ def encode(message: BaseModel) -> tuple[bytes, dict[str, str]]:
             headers[SIZE_HEADER] = str(message.payload_size)
         if message.quelle != "MQTT":
             headers[SOURCE_HEADER] = message.quelle
+        if message.organization_id is not None:
+            headers[ORGANIZATION_HEADER] = str(message.organization_id)
         return message.payload, headers
     headers = {}
     msg_id = getattr(message, "msg_id", None)
@@ -54,5 +57,6 @@ def decode(kind: type[M], msg: Any) -> M:
             ingest_seq=msg.metadata.sequence.stream,
             payload_size=int(size) if size is not None else None,
             quelle=headers.get(SOURCE_HEADER, "MQTT"),
+            organization_id=headers.get(ORGANIZATION_HEADER),
         )
     return kind.model_validate_json(msg.data)

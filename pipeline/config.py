@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] = Field(
         default_factory=lambda: "console" if sys.stderr.isatty() else "json"
     )
+    api_port: int = Field(default=8080, ge=0, le=65535, description="ingest API; 0 = off")
+    api_max_body_bytes: int = Field(default=1_048_576, gt=0, description="larger bodies: 413")
     bess_max_gap_seconds: float = Field(
         default=300, gt=0, description="BESS samples further apart are not integrated (§13)"
     )

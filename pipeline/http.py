@@ -43,8 +43,11 @@ def _json(ok: bool, body: dict[str, Any], status: int | None = None) -> web.Resp
     return web.json_response(body, status=status or (200 if ok else 503))
 
 
-async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None)
+async def serve(
+    app: web.Application, host: str, port: int, shutdown_timeout_s: float = 5.0
+) -> web.AppRunner:
+    """Serve `app`; on cleanup, requests in flight get `shutdown_timeout_s` to finish."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout_s)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner

@@ -117,6 +117,25 @@ class Metrics:
             registry=r,
         )
         self._latest_ts: dict[tuple[str, str], datetime] = {}
+        # The HTTP ingest API (design §12).
+        self.api_requests = Counter(
+            "pipeline_api_requests_total",
+            "Ingest API requests by path and status",
+            ["path", "status"],
+            registry=r,
+        )
+        self.api_items = Counter(
+            "pipeline_api_items_total",
+            "Items posted to the ingest API by path and outcome (accepted, rejected)",
+            ["path", "outcome"],
+            registry=r,
+        )
+        self.api_request_seconds = Histogram(
+            "pipeline_api_request_seconds",
+            "Ingest API request duration, answer stored included",
+            buckets=_BATCH_BUCKETS_S,
+            registry=r,
+        )
 
     def published_from(self, outbox: str) -> Counter:
         """The counter of messages published from an outbox table."""

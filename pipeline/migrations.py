@@ -194,6 +194,20 @@ CREATE TRIGGER bess_interval_outbox_notify AFTER INSERT ON bess_interval_outbox
     FOR EACH STATEMENT EXECUTE FUNCTION bess_interval_outbox_notify();
 """
 
+API = """
+-- Design §12: API tokens, one organization each; only the SHA-256 of a token is kept.
+CREATE TABLE IF NOT EXISTS api_token (
+    name TEXT PRIMARY KEY,
+    organization_id UUID NOT NULL,
+    token_sha256 TEXT NOT NULL UNIQUE,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+    last_used_at TIMESTAMPTZ,
+    revoked_at TIMESTAMPTZ
+);
+-- GET /api/last: an organization's newest samples, by ts.
+CREATE INDEX IF NOT EXISTS idx_bess_telemetry_org_ts ON bess_telemetry (organization_id, ts DESC);
+"""
+
 #: Ordered steps; append, never edit a step that has shipped.
 STEPS: tuple[tuple[int, str, str], ...] = (
     (1, "contract tables of design §4", CONTRACT_SCHEMA),
@@ -201,6 +215,7 @@ STEPS: tuple[tuple[int, str, str], ...] = (
     (3, "source of each raw reading", RAW_SOURCE),
     (4, "broker order of each raw reading", BROKER_ORDER),
     (5, "BESS devices, telemetry, intervals and their outbox", BESS),
+    (6, "API tokens; an index for the newest samples of an organization", API),
 )
 
 

@@ -20,6 +20,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 from schemas.bess import BessIntervalMessage, BessPersisted, BessSample
 from schemas.messages import IngestMessage, Persisted, Reading, Reject
 from schemas.output import MesswertMessage
+from stages.http_ingest import BESS_PATH, METER_PATH
 from stages.mqtt_bridge import SUBSCRIPTIONS, ingest_subject
 
 DAY_S = 86_400.0
@@ -94,12 +95,15 @@ class Stage:
 
 
 # Fused with validate in one process, the bridge hands its batches to validate in memory
-# instead of publishing them to `ingest.…` (pipeline/app.py). One bridge serves both kinds.
+# instead of publishing them to `ingest.…` (pipeline/app.py). One bridge serves both kinds, and
+# so does the HTTP ingest API, which always publishes: its 202 is JetStream's acknowledgement.
 # fmt: off
 STAGES: tuple[Stage, ...] = (
     #     name                reads                     stream       consumes        writes
     Stage("mqtt_bridge",      f"mqtt:{','.join(SUBSCRIPTIONS)}", None, IngestMessage,
           {IngestMessage: lambda m: ingest_subject(m.topic)}),
+    Stage("http_ingest",      f"http:{METER_PATH},{BESS_PATH}", None, IngestMessage,  # 202 after
+          {IngestMessage: lambda m: ingest_subject(m.topic), Reject: _dlq}),  # stored
     # ZEV meters
     Stage("validate",         "ingest.>",               "INGEST",    IngestMessage,
           {Reading: lambda m: f"valid.{m.organization_id}.{m.einheit_id}", Reject: _dlq}),

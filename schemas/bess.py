@@ -18,7 +18,7 @@ from functools import cached_property
 from typing import Annotated, Any
 from uuid import UUID
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from schemas.messages import internal_msg_id
@@ -62,11 +62,23 @@ def _number(low: float | None, high: float | None) -> Callable[[Any], float]:
     return check
 
 
-Percent = Annotated[float, BeforeValidator(_number(0, 100))]
-Power = Annotated[float, BeforeValidator(_number(-POWER_LIMIT_KW, POWER_LIMIT_KW))]
-NonNegative = Annotated[float, BeforeValidator(_number(0, None))]
-Finite = Annotated[float, BeforeValidator(_number(None, None))]
-CellTemperature = Annotated[float, BeforeValidator(_number(-60, 150))]
+def _schema(low: float | None, high: float | None) -> WithJsonSchema:
+    """What the JSON Schema says of a ranged number (the check runs before pydantic's own,
+    which would also take strings, so pydantic's own schema would be wrong)."""
+    schema: dict[str, Any] = {"type": "number"}
+    if low is not None:
+        schema["minimum"] = low
+    if high is not None:
+        schema["maximum"] = high
+    return WithJsonSchema(schema)
+
+
+_P = POWER_LIMIT_KW
+Percent = Annotated[float, BeforeValidator(_number(0, 100)), _schema(0, 100)]
+Power = Annotated[float, BeforeValidator(_number(-_P, _P)), _schema(-_P, _P)]
+NonNegative = Annotated[float, BeforeValidator(_number(0, None)), _schema(0, None)]
+Finite = Annotated[float, BeforeValidator(_number(None, None)), _schema(None, None)]
+CellTemperature = Annotated[float, BeforeValidator(_number(-60, 150)), _schema(-60, 150)]
 
 
 def _alarms(value: Any) -> tuple[str, ...]:
@@ -131,8 +143,9 @@ class BessPayload(BaseModel):
     )
 
 
-SiteName = Annotated[str, BeforeValidator(_name("site"))]
-DeviceName = Annotated[str, BeforeValidator(_name("device"))]
+_NAME_SCHEMA = WithJsonSchema({"type": "string", "pattern": f"^{NAME_PATTERN.pattern}$"})
+SiteName = Annotated[str, BeforeValidator(_name("site")), _NAME_SCHEMA]
+DeviceName = Annotated[str, BeforeValidator(_name("device")), _NAME_SCHEMA]
 
 
 class BessItem(BessPayload):

@@ -61,7 +61,12 @@ class IngestMessage(BaseModel):
     payload_size: int | None = Field(
         default=None, description="original size when the payload was cut for being too large"
     )
-    quelle: str = Field(default="MQTT", description="source: 'MQTT', or 'CSV' for imports")
+    quelle: str = Field(
+        default="MQTT", description="source: 'MQTT', 'CSV' for imports, 'API' over HTTP"
+    )
+    organization_id: UUID | None = Field(
+        default=None, description="over HTTP: the organization of the token it came with"
+    )
     redelivered: bool = Field(
         default=False, description="delivered before: may arrive after newer messages"
     )

@@ -42,7 +42,9 @@ class MesswertMessage(BaseModel):
     verbrauch: JsonNumber = Field(description="sum of consumption over the interval, kWh")
     einspeisung: JsonNumber = Field(description="sum of feed-in over the interval, kWh")
     anzahl_rohwerte: int = Field(alias="anzahlRohwerte", ge=1, description="raw readings summed")
-    quelle: str = Field(description="source of the raw readings, 'MQTT' or 'CSV'")
+    quelle: str = Field(
+        description="source all the raw readings share: 'MQTT', 'CSV' or 'API' ('MQTT' if mixed)"
+    )
     revision: int = Field(ge=1, description="1 for the first publication, +1 on every change")
 
     @property

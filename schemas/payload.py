@@ -13,7 +13,7 @@ from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from schemas.messages import interval_end
@@ -93,7 +93,13 @@ def _kwh(value: Decimal) -> Decimal:
     return rounded + 0  # normalises -0 to 0
 
 
-Kwh = Annotated[Decimal, Field(strict=True), AfterValidator(_kwh)]
+Kwh = Annotated[
+    Decimal,
+    Field(strict=True),
+    AfterValidator(_kwh),
+    # A JSON number only (strict), which pydantic's own schema of a Decimal does not say.
+    WithJsonSchema({"type": "number", "minimum": 0, "exclusiveMaximum": 100_000_000}),
+]
 Timestamp = Annotated[datetime, BeforeValidator(_parse_timestamp)]
 
 

@@ -105,9 +105,9 @@ def _is_unicode(data: Any) -> bool:
     return True
 
 
-def parse_json_object(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> dict[str, Any]:
-    """Decode a payload as one JSON object under the JSON rules of design §3 (size, UTF-8, no
-    NaN/Infinity, no duplicate keys, bounded nesting); numbers come back as exact `Decimal`s."""
+def parse_json(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Any:
+    """Decode a payload as JSON under the rules of design §3 (size, UTF-8, no NaN/Infinity, no
+    duplicate keys, bounded nesting); numbers come back as exact `Decimal`s."""
     if len(payload) > max_bytes:
         raise Refused(
             RejectReason.PAYLOAD_TOO_LARGE, f"payload of {len(payload)} bytes exceeds {max_bytes}"
@@ -135,6 +135,12 @@ def parse_json_object(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
         raise Refused(RejectReason.INVALID_JSON, "payload is nested too deeply") from None
     if "\\u" in text.lower() and not _is_unicode(data):
         raise Refused(RejectReason.INVALID_JSON, "payload has a lone surrogate escape (\\ud800…)")
+    return data
+
+
+def parse_json_object(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> dict[str, Any]:
+    """A payload that must be one JSON object (see `parse_json`)."""
+    data = parse_json(payload, max_bytes)
     if not isinstance(data, dict):
         raise Refused(
             RejectReason.NOT_AN_OBJECT, f"payload is a JSON {type(data).__name__}, not an object"

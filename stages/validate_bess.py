@@ -88,7 +88,10 @@ class ValidateBess:
             return [await self._validate(msg)]
         except Refused as refused:
             fields = {"reason": str(refused.reason), "detail": refused.detail, "topic": msg.topic}
-            log.warning("message rejected", **fields)
+            if refused.reason is RejectReason.ORGANIZATION_MISMATCH:
+                log.error("security: device posted under another organization", **fields)
+            else:
+                log.warning("message rejected", **fields)
             return [Reject.of(msg, refused.reason, refused.detail, STAGE)]
 
     async def _validate(self, msg: IngestMessage) -> BessSample:
@@ -112,6 +115,11 @@ class ValidateBess:
         if org is None:
             raise Refused(
                 RejectReason.UNKNOWN_DEVICE, f"device {site}/{device} is not in bess_device"
+            )
+        if msg.organization_id is not None and msg.organization_id != org:
+            raise Refused(
+                RejectReason.ORGANIZATION_MISMATCH,
+                f"device {site}/{device} does not belong to organization {msg.organization_id}",
             )
         warnings = plausibility(payload, self._clock())
         if warnings:

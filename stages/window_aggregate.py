@@ -12,7 +12,8 @@ once, not once per batch, and the database stays the only source of what is due.
 
 One statement per set of intervals does, in one transaction: lock the intervals' raw rows in
 key order, sum *all* of them (never only the unprocessed ones), upsert `messwerte` with
-`quelle='MQTT'` (`'CSV'` when every row came from an import), raising `revision` only when
+the `quelle` all its raw rows share (`'MQTT'`, `'CSV'` from an import, `'API'` over HTTP), and
+`'MQTT'` where they differ, raising `revision` only when
 something changed, append each changed row to the outbox, and mark the raw rows `verarbeitet`.
 A raw row changed concurrently is either seen by the lock (and summed) or reset to unprocessed
 after it (and summed by the next sweep).
@@ -57,7 +58,7 @@ WITH keys AS (
     SELECT einheit_id, zeit, (array_agg(organization_id))[1] AS organization_id,
            sum(verbrauch) AS verbrauch, sum(einspeisung) AS einspeisung,
            count(*)::integer AS anzahl,
-           CASE WHEN bool_and(quelle = 'CSV') THEN 'CSV' ELSE 'MQTT' END AS quelle
+           CASE WHEN min(quelle) = max(quelle) THEN min(quelle) ELSE 'MQTT' END AS quelle
     FROM locked GROUP BY einheit_id, zeit
 ), upserted AS (
     INSERT INTO messwerte AS m (einheit_id, zeit, verbrauch, einspeisung, quelle,

@@ -81,6 +81,7 @@ def settings(database: str, nats_server: NatsServer, mqtt_broker: Broker) -> Set
         database_url=database,
         window_grace_seconds=1,
         http_port=0,
+        api_port=0,
         sweep_interval_seconds=0.2,
         mqtt_client_id=f"bridge-{uuid.uuid4().hex[:8]}",
     )

@@ -131,7 +131,12 @@ class Worker:
         self.kills = 0
 
     def start(self) -> None:
-        env = {**os.environ, **self.env, "PIPELINE_HTTP_PORT": str(self.http_port)}
+        env = {
+            **os.environ,
+            "PIPELINE_API_PORT": "0",
+            **self.env,
+            "PIPELINE_HTTP_PORT": str(self.http_port),
+        }
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "pipeline", "run", *self.args],

@@ -24,6 +24,7 @@ def env(**values: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
     base.update({f"PIPELINE_{k.upper()}": v for k, v in values.items()})
     base["PIPELINE_LOG_FORMAT"] = "json"
+    base.setdefault("PIPELINE_API_PORT", "0")
     return base
 
 
