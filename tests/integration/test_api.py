@@ -83,7 +83,9 @@ def reading(unit: int, minutes: float, verbrauch: float = 1.5, **more: Any) -> d
             "einspeisung": 0, **more}  # fmt: skip
 
 
-def telemetry(site: str, device: str, seconds: float, p: float = 10.0, **more: Any) -> dict[str, Any]:
+def telemetry(
+    site: str, device: str, seconds: float, p: float = 10.0, **more: Any
+) -> dict[str, Any]:
     at = BASE + timedelta(seconds=seconds)
     return {"site": site, "device": device, "ts": at.isoformat(), "soc": 50.0, "p": p, **more}
 
