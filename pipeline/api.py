@@ -46,8 +46,7 @@ __all__ = ["IngestApi", "serve"]
 
 log = structlog.get_logger("pipeline.api")
 
-#: How long a request may take to send its body, and JetStream to store what it brought.
-BODY_TIMEOUT_S = 30.0
+#: How long JetStream may take to store what a request brought.
 STORE_TIMEOUT_S = 5.0
 RETRY_AFTER_S = "2"
 JSON_TYPES = ("application/json",)
@@ -71,7 +70,9 @@ class IngestApi:
         health: Health,
         metrics: Metrics,
         max_body_bytes: int,
+        body_timeout_s: float = 30.0,
     ) -> None:
+        self._body_timeout_s = body_timeout_s
         self._js = js
         self._db = db
         self._tokens = tokens
@@ -148,7 +149,7 @@ class IngestApi:
         chunks: list[bytes] = []
         size = 0
         try:
-            async with asyncio.timeout(BODY_TIMEOUT_S):
+            async with asyncio.timeout(self._body_timeout_s):
                 async for chunk in request.content.iter_any():
                     size += len(chunk)
                     if size > self._max_body_bytes:

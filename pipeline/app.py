@@ -249,6 +249,7 @@ class Pipeline:
             health=self.health,
             metrics=self.metrics,
             max_body_bytes=s.api_max_body_bytes,
+            body_timeout_s=s.api_body_timeout_seconds,
         )
         try:
             runner = await serve(api.app(), s.http_host, s.api_port)

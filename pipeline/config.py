@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     )
     api_port: int = Field(default=8080, ge=0, le=65535, description="ingest API; 0 = off")
     api_max_body_bytes: int = Field(default=1_048_576, gt=0, description="larger bodies: 413")
+    api_body_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="a request body sent slower than this is refused (400)"
+    )
     bess_max_gap_seconds: float = Field(
         default=300, gt=0, description="BESS samples further apart are not integrated (§13)"
     )

@@ -11,6 +11,8 @@ import pytest
 from schemas.messages import Reading, Reject
 from stages.mqtt_bridge import UNROUTABLE_SUBJECT, ingest_subject, to_ingest
 from stages.validate import Validate
+from stages.validate_bess import ValidateBess
+from tests.corpus import hostile_bess
 from tests.corpus.hostile import GOOD, HOSTILE, TOPIC, UNITS, Hostile
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -59,3 +61,27 @@ async def test_good_messages_between_hostile_ones_are_all_kept() -> None:
     rejects = [o for o in outcomes if isinstance(o, Reject)]
     assert len(readings) == len(HOSTILE)
     assert [r.reason for r in rejects] == [h.reason for h in HOSTILE]
+
+
+class Devices:
+    async def organization_of(self, site: str, device: str) -> UUID | None:
+        return hostile_bess.DEVICES.get((site, device))
+
+
+def test_the_bess_corpus_holds_at_least_30_messages() -> None:
+    assert len(hostile_bess.HOSTILE_BESS) >= 30
+    assert len({h.name for h in hostile_bess.HOSTILE_BESS}) == len(hostile_bess.HOSTILE_BESS)
+
+
+@pytest.mark.parametrize("case", hostile_bess.HOSTILE_BESS, ids=lambda h: h.name)
+async def test_hostile_bess_message_is_rejected_with_its_reason_and_the_next_kept(
+    case: Hostile,
+) -> None:
+    validate = ValidateBess(Devices(), clock=lambda: NOW)
+    [out] = await validate(to_ingest(case.topic, case.payload, NOW, LIMIT))
+    [good] = await validate(to_ingest(hostile_bess.TOPIC, hostile_bess.GOOD, NOW, LIMIT))
+    assert isinstance(out, Reject), out
+    assert out.reason == case.reason, out.detail
+    assert out.detail
+    assert out.topic == case.topic
+    assert not isinstance(good, Reject), good
