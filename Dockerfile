@@ -13,7 +13,8 @@ RUN pip install --no-cache-dir . \
 
 USER 10001
 ENV PIPELINE_LOG_FORMAT=json \
-    PIPELINE_HTTP_PORT=8000
+    PIPELINE_HTTP_PORT=8000 \
+    PIPELINE_API_PORT=8080
 EXPOSE 8000 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2).status != 200)"]

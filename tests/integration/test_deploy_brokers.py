@@ -137,3 +137,39 @@ async def test_shipped_acl_lets_an_organisation_publish_only_under_its_own_id(
                     pass
     finally:
         broker.stop()
+
+
+@pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
+async def test_shipped_acl_lets_a_bess_site_publish_only_its_own_telemetry(
+    tmp_path: Path,
+) -> None:
+    """Site 1's user publishes to site 2's topic and to its own; the bridge gets its own only."""
+    passwords = tmp_path / "passwords"
+    for user, password in (("messwerte-bridge", "b-secret"), ("site1", "s-secret")):
+        subprocess.run(
+            ["mosquitto_passwd", "-b", *(["-c"] if not passwords.exists() else []),
+             str(passwords), user, password],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    passwords.chmod(0o644)
+    broker = Mosquitto(
+        tmp_path / "mosquitto",
+        anonymous=False,
+        extra_config=f"password_file {passwords}\nacl_file {ACL}\n",
+    ).start()
+    try:
+        async with aiomqtt.Client(
+            "127.0.0.1", broker.port, username="messwerte-bridge", password="b-secret"
+        ) as bridge:
+            await bridge.subscribe([("zev/+/+/messwert", 1), ("bess/+/+/telemetry", 1)])
+            async with aiomqtt.Client(
+                "127.0.0.1", broker.port, username="site1", password="s-secret"
+            ) as site:
+                await site.publish("bess/site2/bess1/telemetry", b"not yours", qos=1)
+                await site.publish(f"zev/{ORG_A}/1/messwert", b"not a meter", qos=1)
+                await site.publish("bess/site1/bess1/telemetry", b"own", qos=1)
+            async with asyncio.timeout(10):
+                message = await anext(bridge.messages)
+            assert (message.topic.value, message.payload) == ("bess/site1/bess1/telemetry", b"own")
+    finally:
+        broker.stop()

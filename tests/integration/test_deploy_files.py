@@ -123,6 +123,39 @@ def test_grafana_dashboard_queries_only_metrics_the_workers_export() -> None:
         assert metric in used, metric
 
 
+def test_bess_dashboard_shows_the_fleet_from_exported_metrics_and_the_interval_table() -> None:
+    sources = {
+        d["uid"]: d
+        for f in (DEPLOY / "grafana" / "provisioning" / "datasources").glob("*.yml")
+        for d in yaml.safe_load(f.read_text())["datasources"]
+    }
+    assert "$MESSWERTE_DB_PASSWORD" in str(sources["messwerte-db"]["secureJsonData"])
+    grafana_env = compose()["services"]["grafana"]["environment"]
+    assert grafana_env["MESSWERTE_DB_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "bess.json").read_text())
+    assert dashboard["title"] == "BESS fleet"
+    known = metric_names()
+    used, tables = set(), set()
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] in sources
+        for target in panel["targets"]:
+            if "expr" in target:
+                used |= set(re.findall(r"\b(?:zev|pipeline|bess)_[a-z_]+", target["expr"]))
+            else:
+                tables |= set(re.findall(r"FROM (\w+)", target["rawSql"]))
+                assert "energy_" in target["rawSql"]
+    assert used <= known, used - known
+    assert tables == {"bess_interval"}
+    for metric in (
+        "bess_soc_percent",
+        "bess_power_kw",
+        "bess_cell_temperature_max_celsius",
+        "bess_alarms_active",
+        "pipeline_api_requests_total",
+    ):
+        assert metric in used, metric
+
+
 def test_kubernetes_workers_probe_health_and_take_config_from_configmap_and_secret() -> None:
     docs = k8s_docs()
     config = next(d for d in docs if d["kind"] == "ConfigMap")
@@ -162,10 +195,11 @@ def test_nats_cluster_config_is_valid_for_each_of_its_three_nodes() -> None:
         assert check.returncode == 0, check.stderr + check.stdout
 
 
-def test_dockerfile_exposes_the_http_port_and_runs_the_cli() -> None:
+def test_dockerfile_exposes_the_http_and_api_ports_and_runs_the_cli() -> None:
     text = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^EXPOSE 8000$", text, re.M)
+    assert re.search(r"^EXPOSE 8000 8080$", text, re.M)
     assert "PIPELINE_HTTP_PORT=8000" in text
+    assert "PIPELINE_API_PORT=8080" in text
     assert re.search(r'^ENTRYPOINT \["pipeline"\]$', text, re.M)
 
 
