@@ -2,8 +2,10 @@
 
 Starts a private nats-server with JetStream (its MQTT listener is the broker unless
 PIPELINE_MQTT_URL names one), an embedded PostgreSQL, migrates, registers demo units in two
-organizations, runs every stage fused in this process, backfills two hours of readings and then
-publishes live. Everything it started is stopped on exit, also after Ctrl-C.
+organizations and three battery storage systems, creates an API token, runs every stage fused
+in this process (the ingest API included), backfills two hours of meter readings and BESS
+telemetry over MQTT and of a gateway's readings over HTTP, then sends live. Everything it
+started is stopped on exit, also after Ctrl-C.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
 import uuid
 from collections import deque
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,9 +30,11 @@ from typing import Any
 import asyncpg
 import nats
 
+from pipeline import tokens
 from pipeline.app import Pipeline
+from pipeline.bess_fleet import Battery, BessFleet, Gateway
 from pipeline.config import Settings
-from pipeline.devstack import NatsServer, Postgres
+from pipeline.devstack import NatsServer, Postgres, free_port
 from pipeline.fleet import Fleet, Unit
 from pipeline.metrics import Metrics
 from pipeline.migrations import migrate
@@ -38,6 +44,13 @@ ORGANIZATIONS = (
     uuid.UUID("6ba7b810-9dad-11d1-80b4-00c04fd430c8"),
 )
 UNITS_PER_ORG = 20
+#: Units behind the HTTP gateway (organization 2); they send no MQTT.
+GATEWAY_UNITS = 5
+BATTERIES = (
+    ("alpstein", "bess1", ORGANIZATIONS[0]),
+    ("alpstein", "bess2", ORGANIZATIONS[0]),
+    ("seeland", "bess1", ORGANIZATIONS[1]),
+)
 DEMO_GRACE_S = 5.0
 RATE_WINDOW_S = 10.0
 
@@ -54,7 +67,9 @@ class LiveView:
         self._metrics = metrics
         self._tty = tty
         self.latest: deque[dict[str, Any]] = deque(maxlen=8)
+        self.latest_bess: deque[dict[str, Any]] = deque(maxlen=6)
         self.published = 0
+        self.published_bess = 0
         # (time, totals per stage) of recent renders: rates are over the last RATE_WINDOW_S.
         self._history: deque[tuple[float, dict[str, float]]] = deque()
         self._last_print = time.monotonic()
@@ -62,6 +77,10 @@ class LiveView:
     def on_message(self, data: bytes) -> None:
         self.published += 1
         self.latest.appendleft(json.loads(data))
+
+    def on_bess_interval(self, data: bytes) -> None:
+        self.published_bess += 1
+        self.latest_bess.appendleft(json.loads(data))
 
     def render(self, fleet_published: int, elapsed_s: float) -> None:
         if not self._tty and time.monotonic() - self._last_print < 10:
@@ -104,19 +123,59 @@ class LiveView:
                 lines.append(
                     f"    {m['zeit']}  {m['organizationId'][:8]}…/{m['einheitId']:<4} "
                     f"{m['verbrauch']:>9.4f} {m['einspeisung']:>9.4f} {m['anzahlRohwerte']:>4} "
-                    f"r{m['revision']}"
+                    f"r{m['revision']} {m['quelle']}"
+                )
+            lines += [
+                "",
+                f"  latest BESS intervals ({self.published_bess} published): end, device, "
+                "charged, discharged (kWh), covered s, samples, SoC last, alarms, revision",
+            ]
+            for b in self.latest_bess:
+                lines.append(
+                    f"    {b['intervalEnd']}  {b['site'] + '/' + b['device']:<15} "
+                    f"{b['energyChargedKwh']:>8.4f} {b['energyDischargedKwh']:>8.4f} "
+                    f"{b['coveredSeconds']:>4} {b['samples']:>4} {b['socLast'] or 0:>6.1f}% "
+                    f"{','.join(b['alarms']) or '-'} r{b['revision']}"
                 )
             sys.stdout.write("\x1b[H\x1b[2J" + "\n".join(lines) + "\n")
             sys.stdout.flush()
         else:
             print(
                 f"[{elapsed_s:4.0f}s] sent {fleet_published}, published {self.published}, "
-                f"lag {lag:.0f}; " + ", ".join(rates),
+                f"bess intervals {self.published_bess}, lag {lag:.0f}; " + ", ".join(rates),
                 flush=True,
             )
 
 
-async def _run(duration_s: float | None, workdir: Path) -> tuple[int, int]:
+@dataclass(frozen=True)
+class Summary:
+    readings: int
+    messwerte: int
+    bess_samples: int
+    bess_intervals: int
+
+    def line(self) -> str:
+        return (
+            f"demo: {self.readings} readings, {self.messwerte} messwerte published, "
+            f"{self.bess_samples} bess samples, {self.bess_intervals} bess intervals published"
+        )
+
+
+def _api_port() -> int:
+    """PIPELINE_API_PORT (8080 by default; 0 turns the API and the gateway off), or a free port
+    when that one is taken: the demo must run next to whatever else this machine serves."""
+    wanted = int(os.environ.get("PIPELINE_API_PORT", "8080"))
+    if wanted == 0:
+        return 0
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", wanted))
+        except OSError:
+            return free_port()
+    return wanted
+
+
+async def _run(duration_s: float | None, workdir: Path) -> Summary:
     external_mqtt = os.environ.get("PIPELINE_MQTT_URL")
     nats_server = NatsServer(workdir / "nats", mqtt=external_mqtt is None)
     postgres = Postgres(workdir / "postgres")
@@ -130,12 +189,20 @@ async def _run(duration_s: float | None, workdir: Path) -> tuple[int, int]:
             for index, org in enumerate(ORGANIZATIONS, start=1)
             for n in range(1, UNITS_PER_ORG + 1)
         ]
+        gateway_units = [Unit(ORGANIZATIONS[1], 900 + n) for n in range(1, GATEWAY_UNITS + 1)]
+        batteries = [Battery(site, device, org) for site, device, org in BATTERIES]
         conn = await asyncpg.connect(postgres.dsn)
         await conn.executemany(
             "INSERT INTO einheit (id, organization_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            [(u.einheit_id, u.organization_id) for u in units],
+            [(u.einheit_id, u.organization_id) for u in [*units, *gateway_units]],
         )
+        await conn.executemany(
+            "INSERT INTO bess_device VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            [(b.site, b.device, b.organization_id) for b in batteries],
+        )
+        token = await tokens.create(conn, ORGANIZATIONS[1], "demo-gateway")
         await conn.close()
+        api_port = _api_port()
         settings = Settings(
             mqtt_url=mqtt_url,
             nats_url=nats_server.url,
@@ -143,6 +210,8 @@ async def _run(duration_s: float | None, workdir: Path) -> tuple[int, int]:
             window_grace_seconds=DEMO_GRACE_S,
             http_port=int(os.environ.get("PIPELINE_HTTP_PORT", "8000")),
             mqtt_client_id="messwerte-demo-bridge",
+            api_port=api_port,
+            http_host="127.0.0.1",
         )
         pipeline = Pipeline(settings, mode="fused")
         view = LiveView(pipeline.metrics, sys.stdout.isatty())
@@ -153,34 +222,57 @@ async def _run(duration_s: float | None, workdir: Path) -> tuple[int, int]:
         async def on_messwert(msg: Any) -> None:
             view.on_message(msg.data)
 
+        async def on_bess_interval(msg: Any) -> None:
+            view.on_bess_interval(msg.data)
+
         await nc.subscribe("messwerte.>", cb=on_messwert)
+        await nc.subscribe("intervals.bess.>", cb=on_bess_interval)
         fleet = Fleet(mqtt_url, units)
+        bess = BessFleet(mqtt_url, batteries)
+        api_url = f"http://127.0.0.1:{api_port}"
+        gateway = Gateway(api_url, token, gateway_units) if api_port else None
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
         started = time.monotonic()
         print(
-            f"demo: {len(units)} units in 2 organizations; backfilling the last two hours",
+            f"demo: {len(units)} units in 2 organizations over MQTT, {len(batteries)} batteries, "
+            f"{len(gateway_units)} units behind an HTTP gateway"
+            + (f" (ingest API on {api_url})" if gateway else " (ingest API off)")
+            + "; backfilling the last two hours",
             flush=True,
         )
         now = datetime.now(UTC).replace(second=0, microsecond=0)
-        feeder = asyncio.create_task(_feed(fleet, now, stop))
+        step, every = timedelta(minutes=1), timedelta(seconds=5)
+        feeders = [
+            asyncio.create_task(_feed(fleet, now, stop)),
+            asyncio.create_task(bess.run(timedelta(hours=2), timedelta(seconds=30), every, stop)),
+        ]
+        if gateway is not None:
+            feeders.append(asyncio.create_task(gateway.run(timedelta(hours=2), step, every, stop)))
         while not stop.is_set():
             elapsed = time.monotonic() - started
             if duration_s is not None and elapsed >= duration_s:
                 break
-            view.render(fleet.published, elapsed)
+            view.render(fleet.published + bess.published, elapsed)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
         stop.set()
-        await feeder
-        await _settle(pipeline, fleet.published)
+        await asyncio.gather(*feeders)
+        await _settle(pipeline, fleet.published + bess.published)
         pipeline.stop.set()
         await task
         await nc.close()
-        readings = int(_counter(pipeline.metrics, "zev_mqtt_messages_received_total"))
-        return readings, int(_counter(pipeline.metrics, "pipeline_messwerte_published_total"))
+        m = pipeline.metrics
+        return Summary(
+            readings=int(_counter(m, "pipeline_stage_messages_in_total", stage="validate")),
+            messwerte=int(_counter(m, "pipeline_messwerte_published_total")),
+            bess_samples=int(
+                _counter(m, "pipeline_stage_messages_in_total", stage="validate_bess")
+            ),
+            bess_intervals=int(_counter(m, "pipeline_bess_intervals_published_total")),
+        )
     finally:
         nats_server.stop()
         postgres.stop()
@@ -203,8 +295,8 @@ async def _settle(pipeline: Pipeline, sent: int, timeout_s: float = 10.0) -> Non
 def run_demo(duration_s: float | None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="messwerte-demo-"))
     try:
-        readings, published = asyncio.run(_run(duration_s, workdir))
+        summary = asyncio.run(_run(duration_s, workdir))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"demo: {readings} readings, {published} messwerte published", flush=True)
+    print(summary.line(), flush=True)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -114,7 +115,7 @@ def _processes_mentioning(text: str) -> list[int]:
 def test_demo_ends_with_its_summary_and_leaves_no_process_behind(tmp_path: Path) -> None:
     done = subprocess.run(
         [*PIPELINE, "demo", "--duration", "20"],
-        env=env(http_port="0"),
+        env=env(http_port="0", api_port=str(free_port())),
         capture_output=True,
         text=True,
         timeout=180,
@@ -122,9 +123,16 @@ def test_demo_ends_with_its_summary_and_leaves_no_process_behind(tmp_path: Path)
     )
     assert done.returncode == 0, done.stderr[-2000:]
     last = done.stdout.strip().splitlines()[-1]
-    assert last.startswith("demo: "), last
-    assert last.endswith(" messwerte published"), last
-    readings, published = (int(word) for word in last.split() if word.isdigit())
-    assert readings >= 40 * 120  # two hours of backfill, one reading a minute per unit
-    assert published >= 40 * 8  # at least one message per closed quarter hour and unit
+    pattern = (
+        r"demo: (\d+) readings, (\d+) messwerte published, "
+        r"(\d+) bess samples, (\d+) bess intervals published"
+    )
+    match = re.fullmatch(pattern, last)
+    assert match, last
+    readings, published, samples, intervals = (int(g) for g in match.groups())
+    # Two hours of backfill, a reading a minute for each of 40 MQTT and 5 gateway units.
+    assert readings >= 45 * 120
+    assert published >= 45 * 8  # at least one message per closed quarter hour and unit
+    assert samples >= 3 * 240  # three batteries, a sample every 30 s for two hours
+    assert intervals >= 3 * 8
     assert _processes_mentioning("messwerte-demo-") == []
