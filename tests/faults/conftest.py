@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiomqtt
 import asyncpg
 import pytest
 
-from pipeline.devstack import NatsServer, Postgres
+from pipeline import tokens
+from pipeline.devstack import NatsServer, Postgres, free_port
 from tests.conftest import Broker, use_mosquitto
+from tests.faults.bess import DEVICES as BESS_DEVICES
+from tests.faults.bess import Gateways
 from tests.faults.harness import (
     REPORT,
     UNITS,
@@ -53,7 +56,9 @@ class Stack:
     broker: Broker
     dsn: str
     tmp: Path
+    token: str
     data: DataSet | None = None
+    api_port: int = field(default_factory=free_port)
 
     def env(self) -> dict[str, str]:
         return {
@@ -65,6 +70,7 @@ class Stack:
             "PIPELINE_HTTP_HOST": "127.0.0.1",
             "PIPELINE_MQTT_CLIENT_ID": f"bridge-{uuid.uuid4().hex[:8]}",
             "PIPELINE_LOG_FORMAT": "json",
+            "PIPELINE_API_PORT": str(self.api_port),
         }
 
     def workers(self, mode: str) -> Workers:
@@ -78,8 +84,12 @@ class Stack:
         *,
         seed: int = 1,
         timeout_s: float = 90.0,
+        bess: bool = False,
+        gateways: Gateways | None = None,
     ) -> Figures:
-        self.data = data_set(seed)
+        self.data = data_set(seed, bess=bess)
+        if self.data.http and gateways is None:  # its HTTP part is expected: someone posts it
+            gateways = Gateways(self.api_port, self.token)
         return await scenario(
             name,
             self.workers(mode),
@@ -89,6 +99,7 @@ class Stack:
             self.data,
             faults,
             timeout_s=timeout_s,
+            gateways=gateways,
         )
 
     async def nudge(self) -> None:
@@ -111,8 +122,13 @@ async def stack(
 ) -> Stack:
     db = await asyncpg.connect(database)
     await db.executemany("INSERT INTO einheit VALUES ($1, $2)", list(UNITS.items()))
+    await db.executemany(
+        "INSERT INTO bess_device VALUES ($1, $2, $3)",
+        [(site, device, org) for (site, device), org in BESS_DEVICES.items()],
+    )
+    token = await tokens.create(db, UNITS[1], "faults")
     await db.close()
-    return Stack(postgres_server, nats_server, mqtt_broker, database, tmp_path)
+    return Stack(postgres_server, nats_server, mqtt_broker, database, tmp_path, token)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -30,6 +30,8 @@ import nats
 
 from pipeline.devstack import free_port
 from pipeline.topology import STREAMS
+from tests.faults import bess as faults_bess
+from tests.integration import bess_reference
 from tests.integration.support import Reference, body, latest_by_key, stream_messages
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,6 +56,10 @@ class DataSet:
     readings: list[Reading]
     #: The hour the readings start at; the quarter hour before it holds no reading of the set.
     base: datetime
+    #: BESS samples that must end up stored (over MQTT and HTTP), last write per key.
+    bess: bess_reference.Samples = field(default_factory=dict)
+    #: What HTTP gateways post, one (path, items) stream per gateway.
+    http: list[tuple[str, list[dict[str, Any]]]] = field(default_factory=list)
 
     @property
     def reference(self) -> Reference:
@@ -72,10 +78,13 @@ class DataSet:
         return message
 
 
-def data_set(seed: int, *, per_unit: int = 50, base: datetime | None = None) -> DataSet:
+def data_set(
+    seed: int, *, per_unit: int = 50, base: datetime | None = None, bess: bool = False
+) -> DataSet:
     """Readings every 2 minutes per unit in closed intervals (so every interval is summed while
     the data still arrives), some on a quarter hour, with corrections and exact repeats sent
-    some messages later, as meters re-send."""
+    some messages later, as meters re-send. With `bess`, BESS samples of two devices are mixed
+    in over MQTT, and a third device's samples and some meter readings wait for gateways."""
     rng = random.Random(seed)
     base = base or (datetime.now(UTC) - timedelta(hours=4)).replace(
         minute=0, second=0, microsecond=0
@@ -104,7 +113,42 @@ def data_set(seed: int, *, per_unit: int = 50, base: datetime | None = None) -> 
                 send(heapq.heappop(later)[2])
     while later:
         send(heapq.heappop(later)[2])
-    return DataSet(messages, readings, base)
+    data = DataSet(messages, readings, base)
+    if bess:
+        _add_bess(data, rng)
+    return data
+
+
+def _add_bess(data: DataSet, rng: random.Random) -> None:
+    over_mqtt = faults_bess.samples_for(
+        rng, data.base, [("site1", "bess1"), ("site1", "bess2")], 150
+    )
+    over_http = faults_bess.samples_for(rng, data.base, [("site1", "bess3")], 150)
+    zev = data.messages
+    merged: list[tuple[str, bytes]] = []
+    for index, message in enumerate(zev):
+        merged.append(message)
+        for site, device, sample in over_mqtt[
+            index * len(over_mqtt) // len(zev) : (index + 1) * len(over_mqtt) // len(zev)
+        ]:
+            merged.append((f"bess/{site}/{device}/telemetry", json.dumps(sample).encode()))
+    data.messages = merged
+    data.bess = faults_bess.expected([*over_mqtt, *over_http])
+    data.http.append(("/api/ingest", [{"site": s, "device": d, **x} for s, d, x in over_http]))
+    # Meter readings of their own keys (30 s past the fleet's), with corrections, per gateway.
+    for unit in (1, 3):
+        items = []
+        for step in range(50):
+            at = data.base + timedelta(minutes=2 * step, seconds=30)
+            verbrauch = _kwh(rng, 9999)
+            items.append({"einheitId": unit, "timestamp": at.isoformat(),
+                          "verbrauch": float(verbrauch), "einspeisung": 0})  # fmt: skip
+            data.readings.append((unit, at, verbrauch, "0"))
+            if rng.random() < 0.1:
+                fixed = _kwh(rng, 9999)
+                items.append({**items[-1], "verbrauch": float(fixed)})
+                data.readings.append((unit, at, fixed, "0"))
+        data.http.append(("/api/zev/messwerte", items))
 
 
 def _kwh(rng: random.Random, top: int) -> str:
@@ -451,8 +495,20 @@ async def measure(db: asyncpg.Connection, nats_url: str, reference: Reference) -
     return f
 
 
+def _with_bess(f: Figures, b: faults_bess.BessFigures) -> Figures:
+    f.readings_lost += b.lost
+    f.intervals_wrong_db += b.wrong_db
+    f.intervals_wrong_stream += b.wrong_stream
+    f.duplicates_published += b.duplicates
+    f.revision_gaps += b.gaps
+    f.unprocessed += b.unprocessed
+    f.outbox_left += b.left
+    f.details += b.details[:5]
+    return f
+
+
 async def converge(
-    dsn: str, nats_url: str, reference: Reference, timeout_s: float = 90.0
+    dsn: str, nats_url: str, data: DataSet, timeout_s: float = 90.0
 ) -> tuple[Figures, float]:
     """Poll until the result equals the reference or the deadline passes; return the last
     figures and how long it took. Connects anew each time: the database may have restarted."""
@@ -464,7 +520,10 @@ async def converge(
             figures = Figures(details=["database unreachable"])
         else:
             try:
-                figures = await measure(db, nats_url, reference)
+                figures = await measure(db, nats_url, data.reference)
+                if data.bess:
+                    bess = await faults_bess.measure(db, nats_url, data.bess)
+                    figures = _with_bess(figures, bess)
             finally:
                 await db.close()
         elapsed = time.monotonic() - started
@@ -492,14 +551,19 @@ async def scenario(
     faults: Callable[[Workers], Sequence[tuple[float, Fault]]],
     *,
     timeout_s: float = 90.0,
+    gateways: faults_bess.Gateways | None = None,
 ) -> Figures:
-    """Start the workers, publish `data` while the faults strike, wait for the result to settle,
-    stop the workers with SIGTERM, record the figures and check them."""
+    """Start the workers, publish `data` (and post its HTTP part through `gateways`) while the
+    faults strike, wait for the result to settle, stop the workers with SIGTERM, record the
+    figures and check them."""
     await workers.start()
     fleet = Fleet(broker_port, RATE_PER_S)
+    posting = asyncio.create_task(gateways.post_all(data.http)) if gateways else None
     try:
         await while_publishing(fleet, data.messages, faults(workers))
-        figures, seconds = await converge(dsn, nats_url, data.reference, timeout_s)
+        if posting is not None:
+            await asyncio.wait_for(posting, 120)
+        figures, seconds = await converge(dsn, nats_url, data, timeout_s)
     finally:
         exits = await workers.stop()
     REPORT.append((name, len(data.messages) + fleet.resent, figures, seconds))
