@@ -9,6 +9,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--profile", action="store_true", help="py-spy the fused run's worker")
     p.add_argument("--soak", action="store_true", help="soak the fused pipeline instead")
+    p.add_argument(
+        "--bess",
+        action="store_true",
+        help="instead: BESS telemetry, raw ceiling and fused, closed loop (--messages samples)",
+    )
+    p.add_argument(
+        "--http",
+        action="store_true",
+        help="instead (or after --bess): the ingest API against a publish-only ceiling",
+    )
     p.add_argument("--soak-minutes", type=float, default=10.0)
     return p
 
@@ -51,7 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     stack = Stack(workdir, nats_sync_always=args.nats_sync == "always")
     completed = False
     try:
-        code = _soak(stack, args, workdir) if args.soak else _bench(stack, args, kinds, workdir)
+        if args.soak:
+            code = _soak(stack, args, workdir)
+        elif args.bess or args.http:
+            code = _ingest(stack, args, workdir)
+        else:
+            code = _bench(stack, args, kinds, workdir)
         completed = True
         return code
     finally:
@@ -105,6 +121,56 @@ def _bench(stack: Stack, args: argparse.Namespace, kinds: list[str], workdir: Pa
     paths = report.write(results, setup, args.out)
     print("\nwritten: " + ", ".join(str(p) for p in paths.values()))
     return 1 if any(r.lost for r in results) else 0
+
+
+def _ingest(stack: Stack, args: argparse.Namespace, workdir: Path) -> int:
+    """BESS samples through MQTT (raw ceiling and fused) and/or the ingest API (ceiling and
+    http_ingest), each against its ceiling measured in this run."""
+    from bench import http
+    from bench.load import make_bess_load
+
+    out: dict[str, Any] = {"machine": report.machine(), "nats_sync": args.nats_sync}
+    text = []
+    lost = 0
+    if args.bess:
+        load = make_bess_load(args.messages, args.publishers)
+        results = []
+        for kind in ("raw", "fused"):
+            print(f"{kind}: {load.total:,} BESS samples, closed loop ...", flush=True)
+            r = throughput(stack, kind, load, workdir, args.stall_seconds)
+            print(f"  {r.rate:,.0f} samples/s, {r.lost} lost", flush=True)
+            results.append(r)
+            lost += r.lost
+        raw = results[0].rate
+        text += [
+            f"{load.total:,} BESS samples from {args.publishers} publishers (QoS 1) through "
+            f"{stack.broker_name}; JetStream sync: {args.nats_sync}.",
+            "",
+            "| system | samples/s | × raw ceiling | lost | CPU µs/sample | peak RSS MiB |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in results:
+            cpu_us = r.cpu_s / r.messages * 1e6 if r.messages else 0.0
+            text.append(
+                f"| {report.LABELS[r.kind]} | {r.rate:,.0f} | {r.rate / raw if raw else 0:.2f} "
+                f"| {r.lost} | {cpu_us:,.0f} | {sum(r.peak_rss_mib.values()):,.0f} |"
+            )
+        out["bess"] = [asdict(r) for r in results]
+        text.append("")
+    if args.http:
+        print(f"http: {args.messages:,} meter readings over HTTP ...", flush=True)
+        results_http = http.run(stack, args.messages, workdir)
+        lost += sum(h.items - h.stored for h in results_http)
+        text.append(http.table(results_http))
+        out["http"] = [asdict(h) for h in results_http]
+    print()
+    print("\n".join(text))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    (args.out / f"ingest-{stamp}.json").write_text(json.dumps(out, indent=2))
+    (args.out / f"ingest-{stamp}.md").write_text("\n".join(text) + "\n")
+    print(f"\nwritten: {args.out}/ingest-{stamp}.json, .md")
+    return 1 if lost else 0
 
 
 def _soak(stack: Stack, args: argparse.Namespace, workdir: Path) -> int:

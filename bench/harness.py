@@ -118,32 +118,46 @@ async def prepare(database_url: str, load: Load) -> None:
     await migrate(database_url)
     conn = await asyncpg.connect(database_url)
     try:
-        await conn.executemany(
-            "INSERT INTO einheit (id, organization_id) VALUES ($1, $2)",
-            [(u.einheit_id, u.organization_id) for u in load.units],
-        )
+        for unit in load.units:
+            if isinstance(unit, loadgen.Device):
+                await conn.execute(
+                    "INSERT INTO bess_device VALUES ($1, $2, $3)",
+                    unit.site,
+                    unit.device,
+                    unit.organization_id,
+                )
+            else:
+                await conn.execute(
+                    "INSERT INTO einheit (id, organization_id) VALUES ($1, $2)",
+                    unit.einheit_id,
+                    unit.organization_id,
+                )
         await conn.execute(NOTIFY_SQL)
     finally:
         await conn.close()
 
 
-async def count_rows(database_url: str) -> int:
+async def count_rows(database_url: str, table: str = "zaehler_rohdaten") -> int:
     conn = await asyncpg.connect(database_url)
     try:
-        return int(await conn.fetchval("SELECT count(*) FROM zaehler_rohdaten"))
+        return int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
     finally:
         await conn.close()
 
 
 async def wait_for_rows(
-    database_url: str, expected: int, stall_s: float, poll_s: float = 0.05
+    database_url: str,
+    expected: int,
+    stall_s: float,
+    poll_s: float = 0.05,
+    table: str = "zaehler_rohdaten",
 ) -> tuple[int, float]:
     """Poll until `expected` rows exist or none were added for `stall_s`; (rows, when)."""
     conn = await asyncpg.connect(database_url)
     try:
         rows, last_change = 0, time.monotonic()
         while True:
-            now_rows = int(await conn.fetchval("SELECT count(*) FROM zaehler_rohdaten"))
+            now_rows = int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
             now = time.monotonic()
             if now_rows >= expected:
                 return now_rows, now
@@ -183,7 +197,9 @@ def throughput(
                     result.stored = load.total if done is not None else 0
                     result.seconds = (done or time.monotonic()) - started
                 else:
-                    rows, when = asyncio.run(wait_for_rows(database_url, load.total, stall_s))
+                    rows, when = asyncio.run(
+                        wait_for_rows(database_url, load.total, stall_s, table=load.table)
+                    )
                     result.stored, result.seconds = rows, when - started
                 result.notes += loadgen.finish(publishers)
                 result.peak_rss_mib = system.peak_rss_mib()

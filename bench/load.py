@@ -31,19 +31,39 @@ EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 class Unit:
     organization_id: uuid.UUID
     einheit_id: int
+    #: Where its readings are stored (the table the bench counts rows of).
+    table = "zaehler_rohdaten"
 
     @property
     def topic(self) -> str:
         return f"zev/{self.organization_id}/{self.einheit_id}/messwert"
 
 
+@dataclass(frozen=True)
+class Device:
+    """A battery storage system (BESS) of the load, registered in `bess_device`."""
+
+    organization_id: uuid.UUID
+    site: str
+    device: str
+    table = "bess_telemetry"
+
+    @property
+    def topic(self) -> str:
+        return f"bess/{self.site}/{self.device}/telemetry"
+
+
 @dataclass
 class Load:
-    """`per_unit` readings for each of `units`; `lines[i]` are unit i's payloads in order."""
+    """`per_unit` messages for each of `units`; `lines[i]` are unit i's payloads in order."""
 
-    units: list[Unit]
+    units: Sequence[Unit | Device]
     per_unit: int
     lines: list[list[bytes]] = field(default_factory=list)
+
+    @property
+    def table(self) -> str:
+        return self.units[0].table
 
     @property
     def total(self) -> int:
@@ -68,6 +88,30 @@ def make_load(total: int, publishers: int, seed: int = 1, organizations: int = 4
             einspeisung = rnd.randrange(0, 20_000) / 10_000
             payloads.append(
                 f'{{"timestamp":"{at}","verbrauch":{verbrauch},"einspeisung":{einspeisung}}}'.encode()
+            )
+        load.lines.append(payloads)
+    return load
+
+
+def make_bess_load(total: int, publishers: int, seed: int = 1) -> Load:
+    """BESS telemetry: one device per publisher, a sample every 5 s, power swinging through
+    zero, with every optional field, as a real battery sends it."""
+    rnd = random.Random(seed)
+    org = uuid.UUID(int=rnd.getrandbits(128), version=4)
+    devices = [Device(org, f"site{i // 4}", f"bess{i % 4}") for i in range(publishers)]
+    per_unit = max(total // publishers, 1)
+    load = Load(devices, per_unit)
+    for _ in devices:
+        payloads = []
+        for i in range(per_unit):
+            at = (EPOCH + timedelta(seconds=5 * i)).isoformat()
+            p = round(rnd.uniform(-250, 250), 2)
+            payloads.append(
+                (
+                    f'{{"ts":"{at}","soc":{rnd.uniform(5, 95):.2f},"p":{p},'
+                    f'"p_ch":{max(-p, 0)},"p_dis":{max(p, 0)},"v_dc":780.5,"i_dc":{p * 1.28:.1f},'
+                    f'"t_cell_max":{rnd.uniform(20, 40):.1f},"soh":98.6,"alarms":[]}}'
+                ).encode()
             )
         load.lines.append(payloads)
     return load
@@ -154,7 +198,9 @@ class Pacer(threading.Thread):
                 time.sleep(due - now)
             else:
                 self.late_s = max(self.late_s, now - due)
-            self.scheduled[(self.load.units[unit].einheit_id, index)] = due
+            meter = self.load.units[unit]
+            assert isinstance(meter, Unit), "open loop: meter readings only"
+            self.scheduled[(meter.einheit_id, index)] = due
             stdin = self.procs[unit].stdin
             assert stdin is not None
             stdin.write(self.load.lines[unit][index] + b"\n")

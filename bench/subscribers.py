@@ -21,7 +21,7 @@ import uuid
 import aiomqtt
 import asyncpg
 
-SUBSCRIPTION = "zev/+/+/messwert"
+SUBSCRIPTIONS = [("zev/+/+/messwert", 1), ("bess/+/+/telemetry", 1)]
 
 INSERT = """INSERT INTO zaehler_rohdaten
     (einheit_id, organization_id, timestamp, verbrauch, einspeisung)
@@ -35,7 +35,7 @@ async def _subscribe(port: int, expected: int, database_url: str | None) -> None
     async with aiomqtt.Client(
         "127.0.0.1", port, identifier=f"bench-{uuid.uuid4().hex[:8]}"
     ) as client:
-        await client.subscribe(SUBSCRIPTION, qos=1)
+        await client.subscribe(SUBSCRIPTIONS)
         print("ready", flush=True)
         async for message in client.messages:
             if conn is not None:
