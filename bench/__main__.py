@@ -137,7 +137,10 @@ def _ingest(stack: Stack, args: argparse.Namespace, workdir: Path) -> int:
         results = []
         for kind in ("raw", "fused"):
             print(f"{kind}: {load.total:,} BESS samples, closed loop ...", flush=True)
-            r = throughput(stack, kind, load, workdir, args.stall_seconds)
+            profile = args.out if args.profile and kind == "fused" else None
+            if profile is not None:
+                profile.mkdir(parents=True, exist_ok=True)
+            r = throughput(stack, kind, load, workdir, args.stall_seconds, profile)
             print(f"  {r.rate:,.0f} samples/s, {r.lost} lost", flush=True)
             results.append(r)
             lost += r.lost

@@ -14,11 +14,13 @@ from pathlib import Path
 #: has a frame in its stack (so a stage called from the bridge counts as the stage).
 PARTS: tuple[tuple[str, str], ...] = (
     ("validate (JSON, payload model, reading)", "Validate.__call__"),
+    ("validate (JSON, payload model, reading)", "ValidateBess.__call__"),
     ("dedupe", "Dedupe.__call__"),
     ("persist (upsert of the batch)", "Persist.__call__"),
     ("window_aggregate (per batch)", "WindowAggregate.__call__"),
+    ("window_aggregate (per batch)", "WindowAggregateBess.__call__"),
     ("window sweeps (closing intervals)", "Pipeline._sweep"),
-    ("outbox publisher (to MESSWERTE)", "OutboxPublisher"),
+    ("outbox publisher (to MESSWERTE, BESS_INTERVALS)", "OutboxPublisher"),
     ("PUBACKs", "Client.ack "),
     ("MQTT 5 packet properties (paho)", "Properties."),
     ("MQTT receive (paho parsing, aiomqtt queue)", "Client._on_socket_open"),

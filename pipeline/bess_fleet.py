@@ -9,7 +9,6 @@ with a token, as a device that cannot speak MQTT would.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import random
 from collections.abc import Sequence
@@ -19,10 +18,9 @@ from typing import Any
 from uuid import UUID
 
 import aiohttp
-import aiomqtt
 
 from pipeline.config import MqttTarget
-from pipeline.fleet import Unit, reading
+from pipeline.fleet import Unit, backfill_then_live, client, reading
 
 CAPACITY_KWH = 200.0
 MAX_POWER_KW = 100.0
@@ -89,35 +87,19 @@ class BessFleet:
         self.batteries = list(batteries)
         self.published = 0
 
-    def _client(self) -> aiomqtt.Client:
-        return aiomqtt.Client(
-            self._target.host,
-            self._target.port,
-            username=self._target.username,
-            password=self._target.password,
-            identifier=f"messwerte-demo-bess-{random.randrange(1 << 30)}",
-        )
-
-    async def _send(self, client: aiomqtt.Client, at: datetime, step: timedelta) -> None:
-        for battery in self.batteries:
-            payload = json.dumps(battery.sample(at, step)).encode()
-            await client.publish(battery.topic, payload, qos=1)
-            self.published += 1
-
     async def run(
         self, backfill: timedelta, step: timedelta, every: timedelta, stop: asyncio.Event
     ) -> None:
         """Samples every `step` over the `backfill` before now, then one every `every`."""
-        async with self._client() as client:
-            now = datetime.now(UTC).replace(microsecond=0)
-            moment = now - backfill
-            while moment < now and not stop.is_set():
-                await self._send(client, moment, step)
-                moment += step
-            while not stop.is_set():
-                await self._send(client, datetime.now(UTC).replace(microsecond=0), every)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=every.total_seconds())
+        async with client(self._target, "bess") as mqtt:
+
+            async def send(at: datetime, span: timedelta) -> None:
+                for battery in self.batteries:
+                    payload = json.dumps(battery.sample(at, span)).encode()
+                    await mqtt.publish(battery.topic, payload, qos=1)
+                    self.published += 1
+
+            await backfill_then_live(send, backfill, step, every, stop)
 
 
 class Gateway:
@@ -148,12 +130,8 @@ class Gateway:
         self, backfill: timedelta, step: timedelta, every: timedelta, stop: asyncio.Event
     ) -> None:
         async with aiohttp.ClientSession() as session:
-            now = datetime.now(UTC).replace(second=0, microsecond=0)
-            moment = now - backfill
-            while moment < now and not stop.is_set():
-                await self._post(session, moment, step)
-                moment += step
-            while not stop.is_set():
-                await self._post(session, datetime.now(UTC).replace(microsecond=0), every)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=every.total_seconds())
+
+            async def send(at: datetime, span: timedelta) -> None:
+                await self._post(session, at, span)
+
+            await backfill_then_live(send, backfill, step, every, stop)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
@@ -40,6 +40,36 @@ def reading(at: datetime, step: timedelta, rng: random.Random) -> bytes:
     ).encode()
 
 
+def client(target: MqttTarget, name: str) -> aiomqtt.Client:
+    """An MQTT client of a simulated device group, with an id of its own."""
+    return aiomqtt.Client(
+        target.host,
+        target.port,
+        username=target.username,
+        password=target.password,
+        identifier=f"messwerte-demo-{name}-{random.randrange(1 << 30)}",
+    )
+
+
+Send = Callable[[datetime, timedelta], Awaitable[None]]
+
+
+async def backfill_then_live(
+    send: Send, backfill: timedelta, step: timedelta, every: timedelta, stop: asyncio.Event
+) -> None:
+    """`send(moment, step)` every `step` over the `backfill` before now, then every `every`
+    for the moment it is, until `stop` is set."""
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    moment = now - backfill
+    while moment < now and not stop.is_set():
+        await send(moment, step)
+        moment += step
+    while not stop.is_set():
+        await send(datetime.now(UTC).replace(microsecond=0), every)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=every.total_seconds())
+
+
 class Fleet:
     def __init__(self, mqtt_url: str, units: Sequence[Unit], *, seed: int = 7) -> None:
         self._target = MqttTarget(mqtt_url)
@@ -47,32 +77,23 @@ class Fleet:
         self._rng = random.Random(seed)
         self.published = 0
 
-    def _client(self) -> aiomqtt.Client:
-        return aiomqtt.Client(
-            self._target.host,
-            self._target.port,
-            username=self._target.username,
-            password=self._target.password,
-            identifier=f"messwerte-demo-fleet-{self._rng.randrange(1 << 30)}",
-        )
-
     async def backfill(self, span: timedelta, step: timedelta, now: datetime) -> None:
         """Publish one reading per unit every `step` over the `span` before `now`."""
-        async with self._client() as client:
+        async with client(self._target, "fleet") as mqtt:
             moment = now - span
             while moment < now:
                 for unit in self.units:
-                    await client.publish(unit.topic, reading(moment, step, self._rng), qos=1)
+                    await mqtt.publish(unit.topic, reading(moment, step, self._rng), qos=1)
                     self.published += 1
                 moment += step
 
     async def live(self, every: timedelta, stop: asyncio.Event) -> None:
         """Each unit publishes a reading for the last `every`, until `stop` is set."""
-        async with self._client() as client:
+        async with client(self._target, "fleet") as mqtt:
             while not stop.is_set():
                 now = datetime.now(UTC).replace(microsecond=0)
                 for unit in self.units:
-                    await client.publish(unit.topic, reading(now, every, self._rng), qos=1)
+                    await mqtt.publish(unit.topic, reading(now, every, self._rng), qos=1)
                     self.published += 1
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=every.total_seconds())

@@ -43,7 +43,10 @@ def _number(low: float | None, high: float | None) -> Callable[[Any], float]:
                 "invalid_number", "must be a JSON number, got {kind} {value}",
                 {"kind": type(value).__name__, "value": repr(value)[:40]},
             )  # fmt: skip
-        as_float = float(value)
+        try:
+            as_float = float(value)
+        except OverflowError:  # an integer beyond any double
+            as_float = math.inf
         if not math.isfinite(as_float):
             raise PydanticCustomError(
                 "out_of_range", "value {value} is not a finite double", {"value": str(value)[:40]}

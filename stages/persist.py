@@ -98,8 +98,6 @@ class RawTable(Protocol[R_in]):
 
     def persisted(self, row: R_in) -> BaseModel: ...
 
-    def refused(self, row: R_in, exc: Exception) -> Reject: ...
-
 
 class Meters:
     """`zaehler_rohdaten`: meter readings."""
@@ -129,9 +127,6 @@ class Meters:
             content_hash=row.content_hash,
             ingest_seq=row.ingest_seq,
         )
-
-    def refused(self, row: Reading, exc: Exception) -> Reject:
-        return refused(row, row.topic, exc)
 
 
 class Persist:
@@ -166,7 +161,7 @@ class Persist:
                 changed = await self._upsert([row])
             except ROW_REFUSED as exc:
                 log.warning("row refused by the database", key=str(row.key), error=str(exc))
-                out.append(self._table.refused(row, exc))
+                out.append(refused(row, row.topic, exc))
                 continue
             if row.key in changed:
                 out.append(self._table.persisted(row))

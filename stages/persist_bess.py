@@ -18,8 +18,6 @@ from datetime import datetime
 from typing import Any
 
 from schemas.bess import VALUE_FIELDS, BessPersisted, BessSample
-from schemas.messages import Reject
-from stages.persist import refused
 
 _VALUES = ", ".join((*VALUE_FIELDS, "alarms"))
 _CHANGED = f"({', '.join(f'b.{c}' for c in (*VALUE_FIELDS, 'alarms'))}) IS DISTINCT FROM " + (
@@ -59,7 +57,10 @@ WITH input AS (
         messwerte_interval_end(c.ts + make_interval(secs => $2)),
         INTERVAL '15 minutes') AS e(interval_end)
     ORDER BY 1, 2, 3
-    ON CONFLICT (site, device, interval_end) DO UPDATE SET marked_at = NOW()
+    -- Keeps the first mark's time (the aggregator lets a mark settle for a moment, and a mark
+    -- renewed by every sample of a stream would never settle); the update is for its lock.
+    ON CONFLICT (site, device, interval_end)
+        DO UPDATE SET marked_at = bess_interval_dirty.marked_at
 )
 SELECT site, device, ts FROM changed
 """
@@ -101,6 +102,3 @@ class BessTelemetry:
             content_hash=row.content_hash,
             ingest_seq=row.ingest_seq,
         )
-
-    def refused(self, row: BessSample, exc: Exception) -> Reject:
-        return refused(row, row.topic, exc)

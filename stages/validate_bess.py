@@ -102,7 +102,7 @@ class ValidateBess:
                 RejectReason.PAYLOAD_TOO_LARGE,
                 f"payload of {size} bytes exceeds {self._max_payload_bytes}",
             )
-        data = parse_json_object(msg.payload, self._max_payload_bytes)
+        data = parse_json_object(msg.payload, self._max_payload_bytes, exact=False)
         payload = validate_model(BessPayload, data, REQUIRED)
         named = (("site", payload.site, site), ("device", payload.device, device))
         for name, value, expected in named:

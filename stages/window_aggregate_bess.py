@@ -32,9 +32,14 @@ log = structlog.get_logger("stages.window_aggregate_bess")
 #: Intervals per transaction.
 CHUNK = 500
 
+#: A mark is taken once it is this old, so a burst of late samples into one interval (a
+#: backfill, a device catching up) is computed once a second rather than on every sweep; a
+#: closed interval's samples have long been marked, so closing is not delayed.
+SETTLE_S = 1.0
+
 DUE_SQL = """
 SELECT site, device, interval_end FROM bess_interval_dirty
-WHERE interval_end <= $1
+WHERE interval_end <= $1 AND marked_at <= NOW() - make_interval(secs => $3)
 ORDER BY interval_end, site, device
 LIMIT $2
 FOR UPDATE SKIP LOCKED
@@ -147,9 +152,11 @@ class WindowAggregateBess:
         *,
         grace: timedelta = timedelta(seconds=60),
         max_gap_s: float = 300.0,
+        settle_s: float = SETTLE_S,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._pool = pool
+        self.settle_s = settle_s
         self.grace = grace
         self.max_gap_s = max_gap_s
         self._clock = clock
@@ -176,7 +183,7 @@ class WindowAggregateBess:
         async with self._pool.transaction() as tx:
             keys: list[Key] = [
                 (r["site"], r["device"], r["interval_end"])
-                for r in await tx.fetch(DUE_SQL, cutoff, CHUNK)
+                for r in await tx.fetch(DUE_SQL, cutoff, CHUNK, self.settle_s)
             ]
             if not keys:
                 return AggregationRun(), 0

@@ -94,6 +94,23 @@ ORG_A = "550e8400-e29b-41d4-a716-446655440000"
 ORG_B = "6ba7b810-9dad-11d1-80b4-00c04fd430c8"
 
 
+def acl_broker(tmp_path: Path, users: dict[str, str]) -> Mosquitto:
+    """A real mosquitto with the shipped ACL and a password file made as compose makes it."""
+    passwords = tmp_path / "passwords"
+    for user, password in users.items():
+        subprocess.run(
+            ["mosquitto_passwd", "-b", *(["-c"] if not passwords.exists() else []),
+             str(passwords), user, password],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    passwords.chmod(0o644)
+    return Mosquitto(
+        tmp_path / "mosquitto",
+        anonymous=False,
+        extra_config=f"password_file {passwords}\nacl_file {ACL}\n",
+    ).start()
+
+
 @pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
 async def test_shipped_acl_lets_an_organisation_publish_only_under_its_own_id(
     tmp_path: Path,
@@ -101,19 +118,7 @@ async def test_shipped_acl_lets_an_organisation_publish_only_under_its_own_id(
     """A real mosquitto with the shipped ACL and a password file made like the compose file
     makes it: org A's user publishes to its own topic and to org B's; the bridge's user, reading
     everything, gets A's own reading only. Nobody gets in without a password."""
-    passwords = tmp_path / "passwords"
-    for user, password in (("messwerte-bridge", "b-secret"), (ORG_A, "a-secret")):
-        subprocess.run(
-            ["mosquitto_passwd", "-b", *(["-c"] if not passwords.exists() else []),
-             str(passwords), user, password],
-            check=True, capture_output=True,
-        )  # fmt: skip
-    passwords.chmod(0o644)
-    broker = Mosquitto(
-        tmp_path / "mosquitto",
-        anonymous=False,
-        extra_config=f"password_file {passwords}\nacl_file {ACL}\n",
-    ).start()
+    broker = acl_broker(tmp_path, {"messwerte-bridge": "b-secret", ORG_A: "a-secret"})
     try:
         async with aiomqtt.Client(
             "127.0.0.1", broker.port, username="messwerte-bridge", password="b-secret"
@@ -144,19 +149,7 @@ async def test_shipped_acl_lets_a_bess_site_publish_only_its_own_telemetry(
     tmp_path: Path,
 ) -> None:
     """Site 1's user publishes to site 2's topic and to its own; the bridge gets its own only."""
-    passwords = tmp_path / "passwords"
-    for user, password in (("messwerte-bridge", "b-secret"), ("site1", "s-secret")):
-        subprocess.run(
-            ["mosquitto_passwd", "-b", *(["-c"] if not passwords.exists() else []),
-             str(passwords), user, password],
-            check=True, capture_output=True,
-        )  # fmt: skip
-    passwords.chmod(0o644)
-    broker = Mosquitto(
-        tmp_path / "mosquitto",
-        anonymous=False,
-        extra_config=f"password_file {passwords}\nacl_file {ACL}\n",
-    ).start()
+    broker = acl_broker(tmp_path, {"messwerte-bridge": "b-secret", "site1": "s-secret"})
     try:
         async with aiomqtt.Client(
             "127.0.0.1", broker.port, username="messwerte-bridge", password="b-secret"

@@ -17,17 +17,17 @@ from tests.integration.support import body, metric, publish, running, stream_mes
 BASE = (datetime.now(UTC) - timedelta(hours=2)).replace(minute=0, second=0, microsecond=0)
 
 
-@pytest.mark.parametrize("mode", ["fused", "split"])
-async def test_every_hostile_message_is_rejected_with_its_reason_and_no_good_one_lost(
-    mode, settings, db, mqtt_broker
-) -> None:
-    await db.executemany("INSERT INTO einheit VALUES ($1, $2)", list(UNITS.items()))
+async def rejected_and_kept(
+    settings, db, mqtt_broker, mode: str, corpus, good, table: str
+) -> tuple[Counter[str], Counter[str], int, float]:
+    """Send each carried case of `corpus` followed by `good(index)`; (reasons on the DLQ,
+    reasons expected, rows stored in `table`, zev_mqtt_messages_failed_total)."""
     carried = "mosquitto" if isinstance(mqtt_broker.process, Mosquitto) else "nats"
-    cases = [h for h in HOSTILE if h.carried_by == "any" or h.carried_by == carried]
+    cases = [h for h in corpus if h.carried_by in ("any", carried)]
     messages: list[tuple[str, bytes]] = []
     for index, case in enumerate(cases):
         messages.append((case.topic, case.payload))
-        messages.append((TOPIC, body(BASE + timedelta(seconds=index), f"{index}.5")))
+        messages.append(good(index))
     async with running(settings, mode) as pipeline:
         await publish(mqtt_broker.url, messages)
         dlq = await eventually(
@@ -36,13 +36,24 @@ async def test_every_hostile_message_is_rejected_with_its_reason_and_no_good_one
             timeout_s=30,
         )
         stored = await eventually(
-            lambda: db.fetchval("SELECT count(*) FROM zaehler_rohdaten"),
-            lambda n: n >= len(cases),
+            lambda: db.fetchval(f"SELECT count(*) FROM {table}"), lambda n: n >= len(cases)
         )
         failed = await metric(pipeline, "zev_mqtt_messages_failed_total")
-    assert Counter(m.subject.removeprefix("dlq.") for m in dlq) == Counter(c.reason for c in cases)
-    assert stored == len(cases)
-    assert failed == len(cases)
+    got = Counter(m.subject.removeprefix("dlq.") for m in dlq)
+    return got, Counter(c.reason for c in cases), stored, failed
+
+
+@pytest.mark.parametrize("mode", ["fused", "split"])
+async def test_every_hostile_message_is_rejected_with_its_reason_and_no_good_one_lost(
+    mode, settings, db, mqtt_broker
+) -> None:
+    await db.executemany("INSERT INTO einheit VALUES ($1, $2)", list(UNITS.items()))
+    got, expected, stored, failed = await rejected_and_kept(
+        settings, db, mqtt_broker, mode, HOSTILE,
+        lambda i: (TOPIC, body(BASE + timedelta(seconds=i), f"{i}.5")), "zaehler_rohdaten",
+    )  # fmt: skip
+    assert got == expected
+    assert stored == failed == expected.total()
 
 
 @pytest.mark.parametrize("mode", ["fused", "split"])
@@ -53,23 +64,13 @@ async def test_every_hostile_bess_message_is_rejected_with_its_reason_and_no_goo
         "INSERT INTO bess_device VALUES ($1, $2, $3)",
         [(site, device, org) for (site, device), org in hostile_bess.DEVICES.items()],
     )
-    carried = "mosquitto" if isinstance(mqtt_broker.process, Mosquitto) else "nats"
-    cases = [h for h in hostile_bess.HOSTILE_BESS if h.carried_by in ("any", carried)]
-    messages: list[tuple[str, bytes]] = []
-    for index, case in enumerate(cases):
-        messages.append((case.topic, case.payload))
-        good = hostile_bess.obj(ts=(BASE + timedelta(seconds=index)).isoformat(), soc=index)
-        messages.append((hostile_bess.TOPIC, good))
-    async with running(settings, mode):
-        await publish(mqtt_broker.url, messages)
-        dlq = await eventually(
-            lambda: stream_messages(settings.nats_url, "DLQ"),
-            lambda got: len(got) >= len(cases),
-            timeout_s=30,
-        )
-        stored = await eventually(
-            lambda: db.fetchval("SELECT count(*) FROM bess_telemetry"),
-            lambda n: n >= len(cases),
-        )
-    assert Counter(m.subject.removeprefix("dlq.") for m in dlq) == Counter(c.reason for c in cases)
-    assert stored == len(cases)
+
+    def good(index: int) -> tuple[str, bytes]:
+        at = (BASE + timedelta(seconds=index)).isoformat()
+        return hostile_bess.TOPIC, hostile_bess.obj(ts=at, soc=index)
+
+    got, expected, stored, failed = await rejected_and_kept(
+        settings, db, mqtt_broker, mode, hostile_bess.HOSTILE_BESS, good, "bess_telemetry"
+    )
+    assert got == expected
+    assert stored == failed == expected.total()
