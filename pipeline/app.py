@@ -95,6 +95,7 @@ class Pipeline:
         self.ready = asyncio.Event()
         self.aggregation = AggregationHealth()
         self.aggregation_bess = AggregationHealth()
+        self._impls: dict[tuple[str, str], Any] = {}
 
     async def _until_up(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
         """Start-up against services that may not be there yet: retry with backoff until stop."""
@@ -189,7 +190,7 @@ class Pipeline:
     def _start(self, js: Any, pool: TimedPool | None) -> list[asyncio.Task[Any]]:
         s = self.settings
         tasks: list[asyncio.Task[Any]] = []
-        impls = self._stage_functions(pool)
+        impls = self._impls = self._stage_functions(pool)
         if pool is not None and "window_aggregate" in self.stages:
             self.health.components["aggregation"] = self.aggregation
             self.health.components["aggregation:bess"] = self.aggregation_bess
@@ -240,7 +241,7 @@ class Pipeline:
         """Stage `http_ingest`: the ingest API, judging items with the validate stage functions."""
         s = self.settings
         tokens = TokenCache(pool)
-        impls = self._stage_functions(pool)
+        impls = self._impls  # the validate stage functions and their caches, shared
         api = IngestApi(
             js=js,
             db=pool,

@@ -117,6 +117,11 @@ class Metrics:
             registry=r,
         )
         self._latest_ts: dict[tuple[str, str], datetime] = {}
+        #: The counter of messages published from each outbox table.
+        self.published_from = {
+            "messwerte_outbox": self.published,
+            "bess_interval_outbox": self.published_bess,
+        }
         # The HTTP ingest API (design §12).
         self.api_requests = Counter(
             "pipeline_api_requests_total",
@@ -136,10 +141,6 @@ class Metrics:
             buckets=_BATCH_BUCKETS_S,
             registry=r,
         )
-
-    def published_from(self, outbox: str) -> Counter:
-        """The counter of messages published from an outbox table."""
-        return self.published_bess if outbox.startswith("bess") else self.published
 
     def validated(self, message: Any) -> None:
         """What a message that passed validation tells the operator beyond being counted."""

@@ -85,7 +85,7 @@ class OutboxPublisher:
                 outbound.append((message.subject, body, headers))
             await self._out.publish(outbound)
             await self.outbox.done(conn, [row["id"] for row in rows])
-        self._metrics.published_from(self.outbox.table).inc(len(messages))
+        self._metrics.published_from[self.outbox.table].inc(len(messages))
         kind = type(messages[0]).__name__.lower()
         self._metrics.stage_out.labels("publish", kind).inc(len(messages))
         return len(rows)
