@@ -208,6 +208,36 @@ CREATE TABLE IF NOT EXISTS api_token (
 CREATE INDEX IF NOT EXISTS idx_bess_telemetry_org_ts ON bess_telemetry (organization_id, ts DESC);
 """
 
+FLEET = """
+-- Closed intervals to sum, as bess_interval_dirty: persist marks the interval of every new or
+-- changed raw row in the statement that stores it, the aggregator removes the mark in the
+-- transaction that sums the interval. Finding what is due is an index range scan, however many
+-- rows wait in open intervals; a sweep that finds nothing due costs the same at any fleet size.
+CREATE TABLE IF NOT EXISTS messwerte_interval_dirty (
+    einheit_id BIGINT,
+    zeit TIMESTAMPTZ,
+    marked_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+    PRIMARY KEY (einheit_id, zeit)
+);
+CREATE INDEX IF NOT EXISTS idx_messwerte_interval_dirty_zeit
+    ON messwerte_interval_dirty (zeit, einheit_id);
+-- Rows stored before this step: their intervals are due as they were before.
+INSERT INTO messwerte_interval_dirty (einheit_id, zeit)
+SELECT DISTINCT einheit_id, messwerte_interval_end(timestamp) FROM zaehler_rohdaten
+WHERE verarbeitet IS NOT TRUE
+ON CONFLICT DO NOTHING;
+-- The due BESS marks in the order they are taken, without sorting all of them per chunk.
+CREATE INDEX IF NOT EXISTS idx_bess_interval_dirty_due
+    ON bess_interval_dirty (interval_end, site, device);
+DROP INDEX IF EXISTS idx_bess_interval_dirty_end;
+-- Retention (`pipeline prune`): processed rows by time. A raw row enters these indexes when it
+-- is summed (that update is not HOT anyway), so storing a reading costs no more than before.
+CREATE INDEX IF NOT EXISTS idx_zaehler_rohdaten_verarbeitet_ts
+    ON zaehler_rohdaten (timestamp) WHERE verarbeitet = TRUE;
+CREATE INDEX IF NOT EXISTS idx_bess_telemetry_verarbeitet_ts
+    ON bess_telemetry (ts) WHERE verarbeitet = TRUE;
+"""
+
 #: Ordered steps; append, never edit a step that has shipped.
 STEPS: tuple[tuple[int, str, str], ...] = (
     (1, "contract tables of design §4", CONTRACT_SCHEMA),
@@ -216,6 +246,7 @@ STEPS: tuple[tuple[int, str, str], ...] = (
     (4, "broker order of each raw reading", BROKER_ORDER),
     (5, "BESS devices, telemetry, intervals and their outbox", BESS),
     (6, "API tokens; an index for the newest samples of an organization", API),
+    (7, "due-interval marks for meters; indexes for due BESS marks and for retention", FLEET),
 )
 
 

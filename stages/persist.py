@@ -6,15 +6,16 @@ keeping the reading latest in broker order. The last write wins by broker order,
 arrival: a row is only overwritten by a reading that is newer (receive time, then INGEST
 sequence) than the one it holds, so a redelivery that arrives after a newer reading, after a
 crash, changes nothing. A row whose values change is reset to `verarbeitet = FALSE` so its
-interval is summed again; a newer repeat of the same values only moves the row's order forward
+interval is summed again, and the statement marks the interval of every such row as due
+(`messwerte_interval_dirty`); a newer repeat of the same values only moves the row's order forward
 and, once its interval is summed, yields nothing. Rows are written in key order so concurrent
 writers lock them in one order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
@@ -60,8 +61,18 @@ WITH upserted AS (
     WHERE (EXCLUDED.empfangen_am, EXCLUDED.ingest_seq)
         > (coalesce(z.empfangen_am, '-infinity'::timestamptz), z.ingest_seq)
     RETURNING z.einheit_id, z.timestamp, z.verarbeitet
+), changed AS (
+    SELECT einheit_id, timestamp FROM upserted WHERE verarbeitet IS NOT TRUE
+), marked AS (
+    -- The row's interval is due once closed (window_aggregate finds the marks by an index
+    -- range scan). An existing mark is only locked, not rewritten (the WHERE is false): the
+    -- lock waits for an aggregator that holds it, and once that one has removed it, a new
+    -- mark is inserted, so a change is never lost between a sum and its unmarking.
+    INSERT INTO messwerte_interval_dirty (einheit_id, zeit)
+    SELECT DISTINCT einheit_id, messwerte_interval_end(timestamp) FROM changed ORDER BY 1, 2
+    ON CONFLICT (einheit_id, zeit) DO UPDATE SET marked_at = EXCLUDED.marked_at WHERE FALSE
 )
-SELECT einheit_id, timestamp FROM upserted WHERE verarbeitet IS NOT TRUE
+SELECT einheit_id, timestamp FROM changed
 """
 
 
@@ -96,6 +107,8 @@ class RawTable(Protocol[R_in]):
 
     def key_of(self, record: Any) -> Any: ...
 
+    def timestamp_of(self, row: R_in) -> datetime: ...
+
     def persisted(self, row: R_in) -> BaseModel: ...
 
 
@@ -119,6 +132,9 @@ class Meters:
     def key_of(self, record: Any) -> tuple[int, datetime]:
         return (record["einheit_id"], record["timestamp"])
 
+    def timestamp_of(self, row: Reading) -> datetime:
+        return row.timestamp
+
     def persisted(self, row: Reading) -> Persisted:
         return Persisted(
             organization_id=row.organization_id,
@@ -131,18 +147,43 @@ class Meters:
 
 class Persist:
     """Stage `persist` (batched): readings -> a persisted event for every inserted or changed
-    row. `table` says which table and how; meter readings by default."""
+    row. `table` says which table and how; meter readings by default.
+
+    With a raw retention, a reading that has grown older than it since validate took it (it
+    waited in a stream) is refused `too_old` here too: prune may be about to take its
+    interval's other rows."""
 
     batched = True
 
-    def __init__(self, pool: Database, table: RawTable[Any] | None = None) -> None:
+    def __init__(
+        self,
+        pool: Database,
+        table: RawTable[Any] | None = None,
+        *,
+        retention: timedelta | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self._pool = pool
         self._table: RawTable[Any] = table if table is not None else Meters()
+        self._retention = retention
+        self._clock = clock
 
     async def __call__(self, batch: Sequence[Any]) -> list[BaseModel]:
         rows = collapse(batch)
+        late: list[BaseModel] = []
+        if self._retention is not None:
+            horizon = self._clock() - self._retention
+            late = [
+                too_old(r, self._table.timestamp_of(r))
+                for r in rows
+                if self._table.timestamp_of(r) < horizon
+            ]
+            rows = [r for r in rows if self._table.timestamp_of(r) >= horizon]
         if not rows:
-            return []
+            return late
+        return late + await self._store(rows)
+
+    async def _store(self, rows: Sequence[Any]) -> list[BaseModel]:
         try:
             changed = await self._upsert(rows)
         except ROW_REFUSED:
@@ -170,12 +211,22 @@ class Persist:
 
 def refused(row: BaseModel, topic: str, exc: Exception) -> Reject:
     """A row the database refused, for `dlq.persist_failed`, with the row as its payload."""
+    return _reject(row, topic, RejectReason.PERSIST_FAILED, f"database refused the row: {exc}")
+
+
+def too_old(row: BaseModel, ts: datetime) -> Reject:
+    """A row older than the raw retention by the time it reached persist, for `dlq.too_old`."""
+    topic: str = row.topic  # type: ignore[attr-defined]
+    log.warning("reading older than the raw retention, refused", topic=topic, ts=ts.isoformat())
+    detail = f"timestamp {ts.isoformat()} is older than the raw retention"
+    return _reject(row, topic, RejectReason.TOO_OLD, detail)
+
+
+def _reject(row: BaseModel, topic: str, reason: RejectReason, detail: str) -> Reject:
     original = IngestMessage(
         topic=topic,
         payload=row.model_dump_json().encode(),
         received_at=row.received_at,  # type: ignore[attr-defined]
         ingest_seq=row.ingest_seq,  # type: ignore[attr-defined]
     )
-    return Reject.of(
-        original, RejectReason.PERSIST_FAILED, f"database refused the row: {exc}", STAGE
-    )
+    return Reject.of(original, reason, detail, STAGE)

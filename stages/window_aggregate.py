@@ -31,7 +31,7 @@ import asyncpg
 import structlog
 
 from schemas.messages import Persisted, interval_end
-from stages.db import Database
+from stages.db import Database, Transactional
 
 log = structlog.get_logger("stages.window_aggregate")
 
@@ -42,28 +42,42 @@ CHUNK = 500
 AGGREGATE_SQL = """
 WITH keys AS (
     SELECT DISTINCT * FROM unnest($1::bigint[], $2::timestamptz[]) AS k(einheit_id, zeit)
-), locked AS (
-    SELECT z.id, z.einheit_id, k.zeit, z.organization_id, z.verbrauch, z.einspeisung,
+), raw AS (
+    -- Per interval, an index range scan of the unique key (einheit_id, timestamp). OFFSET 0
+    -- keeps the planner from flattening this into a join it may run as a sequential scan of
+    -- the whole table when its statistics are stale (right after a large load).
+    SELECT z.id, k.einheit_id, k.zeit, z.organization_id, z.verbrauch, z.einspeisung,
            z.verarbeitet, z.quelle
-    FROM zaehler_rohdaten z
-    JOIN keys k ON z.einheit_id = k.einheit_id
-               AND z.timestamp > k.zeit - INTERVAL '15 minutes' AND z.timestamp <= k.zeit
-    ORDER BY z.einheit_id, z.timestamp
-    FOR UPDATE OF z
+    FROM keys k CROSS JOIN LATERAL (
+        SELECT * FROM zaehler_rohdaten r
+        WHERE r.einheit_id = k.einheit_id
+          AND r.timestamp > k.zeit - INTERVAL '15 minutes' AND r.timestamp <= k.zeit
+        OFFSET 0
+    ) z
+), taken AS (
+    -- A row locked here is being changed by persist, which marks its interval again once
+    -- this transaction has removed the mark: it is summed by the next sweep.
+    SELECT z.id FROM zaehler_rohdaten z JOIN raw r ON z.id = r.id
+    WHERE r.verarbeitet IS NOT TRUE
+    FOR UPDATE OF z SKIP LOCKED
 ), marked AS (
     UPDATE zaehler_rohdaten z SET verarbeitet = TRUE, verarbeitet_am = NOW()
-    FROM locked l WHERE z.id = l.id AND l.verarbeitet IS NOT TRUE
+    FROM taken t WHERE z.id = t.id
     RETURNING z.id
+), unmarked AS (
+    DELETE FROM messwerte_interval_dirty d USING keys k
+    WHERE d.einheit_id = k.einheit_id AND d.zeit = k.zeit
 ), sums AS (
     SELECT einheit_id, zeit, (array_agg(organization_id))[1] AS organization_id,
            sum(verbrauch) AS verbrauch, sum(einspeisung) AS einspeisung,
            count(*)::integer AS anzahl,
            CASE WHEN min(quelle) = max(quelle) THEN min(quelle) ELSE 'MQTT' END AS quelle
-    FROM locked GROUP BY einheit_id, zeit
+    FROM raw GROUP BY einheit_id, zeit
 ), upserted AS (
     INSERT INTO messwerte AS m (einheit_id, zeit, verbrauch, einspeisung, quelle,
                                 anzahl_rohwerte, revision)
     SELECT einheit_id, zeit, verbrauch, einspeisung, quelle, anzahl, 1 FROM sums
+    ORDER BY einheit_id, zeit
     ON CONFLICT (einheit_id, zeit) DO UPDATE SET
         verbrauch = EXCLUDED.verbrauch,
         einspeisung = EXCLUDED.einspeisung,
@@ -89,12 +103,28 @@ SELECT (SELECT count(*) FROM sums) AS intervals,
        (SELECT count(*) FROM queued) AS changed
 """
 
+#: The closed intervals persist marked, oldest first; an index range scan on
+#: `messwerte_interval_dirty (zeit, einheit_id)`, however many rows wait in open intervals.
+#: Marks another transaction holds are skipped, so replicas (and this worker's own sweepers)
+#: take disjoint chunks.
 DUE_SQL = """
-SELECT DISTINCT einheit_id, messwerte_interval_end(timestamp) AS zeit
-FROM zaehler_rohdaten
-WHERE verarbeitet = FALSE AND timestamp <= $1 AND messwerte_interval_end(timestamp) <= $1
+SELECT einheit_id, zeit FROM messwerte_interval_dirty
+WHERE zeit <= $1
+  AND (einheit_id, zeit) NOT IN (SELECT * FROM unnest($3::bigint[], $4::timestamptz[]))
+ORDER BY zeit, einheit_id
 LIMIT $2
+FOR UPDATE SKIP LOCKED
 """
+
+#: The marks of given intervals, waited for: `aggregate()` of chosen keys.
+LOCK_SQL = """
+SELECT d.einheit_id, d.zeit FROM messwerte_interval_dirty d
+JOIN unnest($1::bigint[], $2::timestamptz[]) AS k(einheit_id, zeit) USING (einheit_id, zeit)
+ORDER BY d.zeit, d.einheit_id
+FOR UPDATE OF d
+"""
+
+Key = tuple[int, datetime]
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,18 +152,23 @@ class WindowAggregate:
 
     def __init__(
         self,
-        pool: Database,
+        pool: Transactional,
         *,
         grace: timedelta = timedelta(seconds=60),
+        chunk: int = CHUNK,
+        concurrency: int = 1,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._pool = pool
         self.grace = grace
+        self.chunk = chunk
+        #: Chunks summed at once, each in its own transaction (PostgreSQL sums one per core).
+        self.concurrency = concurrency
         self._clock = clock
         #: Set when a row of an already closed interval changed: sweep soon.
         self.due = asyncio.Event()
-        #: Intervals the database refused to sum (overflow); they stay unprocessed and logged.
-        self.poisoned: set[tuple[int, datetime]] = set()
+        #: Intervals the database refused to sum (overflow); they stay marked and logged.
+        self.poisoned: set[Key] = set()
 
     def is_closed(self, end: datetime) -> bool:
         return end + self.grace <= self._clock()
@@ -146,32 +181,48 @@ class WindowAggregate:
         return []
 
     async def sweep(self) -> AggregationRun:
-        """Aggregate every closed interval that still has unprocessed raw rows."""
+        """Aggregate every closed interval that is marked, a chunk per transaction."""
+        cutoff = self._clock() - self.grace
+        runs = await asyncio.gather(*(self._drain(cutoff) for _ in range(self.concurrency)))
+        return sum(runs, AggregationRun())
+
+    async def _drain(self, cutoff: datetime) -> AggregationRun:
         total = AggregationRun()
         while True:
-            cutoff = self._clock() - self.grace
-            rows = await self._pool.fetch(DUE_SQL, cutoff, CHUNK + len(self.poisoned))
-            keys = [(r["einheit_id"], r["zeit"]) for r in rows]
-            keys = [k for k in keys if k not in self.poisoned]
-            if not keys:
-                return total
-            run = await self.aggregate(keys)
+            run, taken = await self._chunk(cutoff)
             total += run
-            if run.marked == 0:  # nothing left that this pass could take over
+            if taken < self.chunk:  # nothing left that is not taken by another transaction
                 return total
 
-    async def aggregate(self, keys: Iterable[tuple[int, datetime]]) -> AggregationRun:
+    async def _chunk(self, cutoff: datetime) -> tuple[AggregationRun, int]:
+        poisoned = sorted(self.poisoned)
+        keys: list[Key] = []
+        try:
+            async with self._pool.transaction() as tx:
+                rows = await tx.fetch(
+                    DUE_SQL, cutoff, self.chunk, [k[0] for k in poisoned], [k[1] for k in poisoned]
+                )
+                keys = [(r["einheit_id"], r["zeit"]) for r in rows]
+                if not keys:
+                    return AggregationRun(), 0
+                return await self._sum(tx, keys), len(keys)
+        except asyncpg.DataError:
+            # One interval whose sum does not fit NUMERIC(12,4) must not hold up the rest.
+            return await self.aggregate(keys), len(keys)
+
+    async def aggregate(self, keys: Iterable[Key]) -> AggregationRun:
+        """Sum the given intervals now, marked or not, a chunk per transaction. An interval
+        whose sum the database refuses is set aside (`poisoned`) and keeps its mark."""
         ordered = sorted(set(keys))
         total = AggregationRun()
-        for start in range(0, len(ordered), CHUNK):
-            chunk = ordered[start : start + CHUNK]
+        for start in range(0, len(ordered), self.chunk):
+            chunk = ordered[start : start + self.chunk]
             try:
-                total += await self._aggregate(chunk)
+                total += await self._locked_sum(chunk)
             except asyncpg.DataError:
-                # One interval whose sum does not fit NUMERIC(12,4) must not hold up the rest.
                 for key in chunk:
                     try:
-                        total += await self._aggregate([key])
+                        total += await self._locked_sum([key])
                     except asyncpg.DataError as exc:
                         self.poisoned.add(key)
                         log.error(
@@ -182,8 +233,14 @@ class WindowAggregate:
                         )
         return total
 
-    async def _aggregate(self, keys: Sequence[tuple[int, datetime]]) -> AggregationRun:
-        row = await self._pool.fetchrow(AGGREGATE_SQL, [k[0] for k in keys], [k[1] for k in keys])
+    async def _locked_sum(self, keys: Sequence[Key]) -> AggregationRun:
+        async with self._pool.transaction() as tx:
+            await tx.fetch(LOCK_SQL, [k[0] for k in keys], [k[1] for k in keys])
+            return await self._sum(tx, keys)
+
+    @staticmethod
+    async def _sum(tx: Database, keys: Sequence[Key]) -> AggregationRun:
+        row = await tx.fetchrow(AGGREGATE_SQL, [k[0] for k in keys], [k[1] for k in keys])
         return AggregationRun(
             intervals=row["intervals"],
             marked=row["marked"],

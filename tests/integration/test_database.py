@@ -9,6 +9,7 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
+from pipeline.database import TimedPool
 from pipeline.migrations import STEPS, migrate
 from schemas.messages import Persisted, Reading, Reject, RejectReason
 from stages.persist import Persist
@@ -41,7 +42,8 @@ def reading(
 
 
 def window(pool, now: datetime, grace_s: float = 60) -> WindowAggregate:
-    return WindowAggregate(pool, grace=timedelta(seconds=grace_s), clock=lambda: now)
+    timed = TimedPool(pool, acquire_s=10, statement_s=30)
+    return WindowAggregate(timed, grace=timedelta(seconds=grace_s), clock=lambda: now)
 
 
 async def test_migrate_twice_applies_nothing_the_second_time(database: str) -> None:
@@ -265,3 +267,70 @@ async def test_a_batch_keeps_the_reading_latest_in_broker_order_not_the_last_fet
     at = END - timedelta(minutes=5)
     await Persist(pool)([reading(at, "2.0", seq=20), reading(at, "1.0", seq=10)])
     assert await stored(pool, at) == Decimal("2.0000")
+
+
+async def test_thousands_of_intervals_due_at_once_match_an_independent_reference(pool) -> None:
+    """3,000 intervals (200 units × 15 quarter hours, 3 readings each) close together and are
+    summed by two concurrent sweepers in chunks: each sum is the reference's, once."""
+    import random
+
+    rnd = random.Random(11)
+    units = range(10, 210)
+    await pool.executemany(
+        "INSERT INTO einheit (id, organization_id) VALUES ($1, $2)", [(u, ORG) for u in units]
+    )
+    expected: dict[tuple[int, datetime], Decimal] = {}
+    batch = []
+    for u in units:
+        for q in range(15):
+            end = END + timedelta(minutes=15 * q)
+            for minute in (1, 6, 15):  # the last one exactly on the interval end
+                at = end - timedelta(minutes=15 - minute)
+                value = Decimal(rnd.randrange(0, 100_000)).scaleb(-4)
+                batch.append(reading(at, str(value), unit=u))
+                expected[(u, end)] = expected.get((u, end), Decimal(0)) + value
+    persist = Persist(pool)
+    for i in range(0, len(batch), 1000):
+        await persist(batch[i : i + 1000])
+    timed = TimedPool(pool, acquire_s=10, statement_s=30)
+    aggregate = WindowAggregate(
+        timed, chunk=128, concurrency=2, clock=lambda: END + timedelta(days=1)
+    )
+    run = await aggregate.sweep()
+    assert (run.intervals, run.summed, run.changed) == (3000, 9000, 3000)
+    rows = await pool.fetch("SELECT einheit_id, zeit, verbrauch, revision FROM messwerte")
+    assert {(r["einheit_id"], r["zeit"]): r["verbrauch"] for r in rows} == expected
+    assert {r["revision"] for r in rows} == {1}
+    assert await pool.fetchval("SELECT count(*) FROM messwerte_outbox") == 3000
+    assert await pool.fetchval("SELECT count(*) FROM messwerte_interval_dirty") == 0
+    assert await pool.fetchval("SELECT count(*) FROM zaehler_rohdaten WHERE NOT verarbeitet") == 0
+
+
+async def test_a_sweep_takes_only_closed_intervals_and_leaves_open_ones_marked(pool) -> None:
+    open_at = END + timedelta(minutes=20)
+    await Persist(pool)([reading(END - timedelta(minutes=1), "1"), reading(open_at, "2")])
+    run = await window(pool, END + timedelta(seconds=61)).sweep()
+    assert run.intervals == 1
+    marks = await pool.fetch("SELECT einheit_id, zeit FROM messwerte_interval_dirty")
+    assert [(r["einheit_id"], r["zeit"]) for r in marks] == [(1, END + timedelta(minutes=30))]
+
+
+async def test_migration_marks_intervals_left_unprocessed_before_it(database: str) -> None:
+    """A database upgraded from before the marks: its unprocessed rows' intervals are due."""
+    from pipeline.migrations import FLEET
+
+    conn = await asyncpg.connect(database)
+    try:
+        await conn.execute("INSERT INTO einheit (id, organization_id) VALUES (5, $1)", ORG)
+        await conn.execute(
+            "INSERT INTO zaehler_rohdaten (einheit_id, organization_id, timestamp, verbrauch, "
+            "einspeisung) VALUES (5, $1, $2, 1, 0)",
+            ORG,
+            END - timedelta(minutes=3),
+        )
+        await conn.execute("DELETE FROM messwerte_interval_dirty")
+        await conn.execute(FLEET)  # the step again, as on an upgrade
+        marks = await conn.fetch("SELECT einheit_id, zeit FROM messwerte_interval_dirty")
+    finally:
+        await conn.close()
+    assert [(r["einheit_id"], r["zeit"]) for r in marks] == [(5, END)]
