@@ -91,7 +91,7 @@ class MqttBridge:
         self._metrics = metrics
         self.health = health
         self._stop = stop
-        self._out = JetStreamOut(js, stop, replicas=settings.stream_replicas)
+        self._out = JetStreamOut(js, stop, streams=settings.streams)
         self._batch_size = settings.batch_size
         self._max_payload_bytes = settings.max_payload_bytes
         self._sinks = dict(sinks or {})

@@ -13,7 +13,7 @@ import structlog
 from faststream.nats import NatsBroker
 from nats.js.errors import BadRequestError, NotFoundError
 
-from pipeline.topology import STREAMS
+from pipeline.topology import STREAMS, StreamPolicy
 
 log = structlog.get_logger("pipeline.broker")
 
@@ -33,10 +33,10 @@ def make_broker(servers: list[str], name: str = "messwerte-pipeline") -> NatsBro
     )
 
 
-async def declare_streams(js: Any, replicas: int = 1) -> None:
-    """Every stream of the topology, with `replicas` copies (PIPELINE_STREAM_REPLICAS)."""
+async def declare_streams(js: Any, policy: StreamPolicy | None = None) -> None:
+    """Every stream of the topology, as `policy` says (copies, retention)."""
     for stream in STREAMS:
-        config = stream.config(replicas)
+        config = stream.config(policy)
         try:
             await js.stream_info(stream.name)
         except NotFoundError:

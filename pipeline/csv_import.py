@@ -113,9 +113,9 @@ async def import_csv(
     summary = ImportSummary()
     try:
         js = nc.jetstream()
-        await declare_streams(js, settings.stream_replicas)
+        await declare_streams(js, settings.streams)
         # The stop event is never set: an import retries until stored.
-        out = JetStreamOut(js, asyncio.Event(), replicas=settings.stream_replicas)
+        out = JetStreamOut(js, asyncio.Event(), streams=settings.streams)
         batch: list[tuple[str, bytes, dict[str, str]]] = []
         bar = tqdm(
             total=_data_rows(path),

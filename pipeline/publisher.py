@@ -20,6 +20,7 @@ from pipeline.database import TimedPool
 from pipeline.metrics import Metrics
 from pipeline.retry import Abandoned, Backoff, first_of
 from pipeline.runner import JetStreamOut
+from pipeline.topology import StreamPolicy
 from stages.publish import Outbox
 
 log = structlog.get_logger("pipeline.publisher")
@@ -37,14 +38,14 @@ class OutboxPublisher:
         metrics: Metrics,
         stop: asyncio.Event,
         outbox: Outbox,
-        replicas: int = 1,
+        streams: StreamPolicy | None = None,
     ) -> None:
         self.outbox = outbox
         self._pool = pool
         self._dsn = dsn
         self._metrics = metrics
         self._stop = stop
-        self._out = JetStreamOut(js, stop, replicas=replicas)
+        self._out = JetStreamOut(js, stop, streams=streams)
         self._wake = asyncio.Event()
         self.healthy = False
 

@@ -44,7 +44,7 @@ from pipeline.broker import declare_streams
 from pipeline.codec import TOPIC_HEADER, decode, encode
 from pipeline.metrics import Metrics
 from pipeline.retry import POISON_AFTER_FAILURES, Abandoned, Backoff, is_transient
-from pipeline.topology import Stage
+from pipeline.topology import Stage, StreamPolicy
 from schemas.messages import IngestMessage, Reject, RejectReason
 
 log = structlog.get_logger("pipeline.runner")
@@ -121,12 +121,16 @@ class JetStreamOut:
     """Publishes a batch of outputs and returns once JetStream has stored every one."""
 
     def __init__(
-        self, js: Any, stop: asyncio.Event, timeout_s: float = 10.0, replicas: int = 1
+        self,
+        js: Any,
+        stop: asyncio.Event,
+        timeout_s: float = 10.0,
+        streams: StreamPolicy | None = None,
     ) -> None:
         self._js = js
         self._stop = stop
         self._timeout_s = timeout_s
-        self.replicas = replicas
+        self.streams = streams
 
     async def publish(self, outbound: Sequence[Outbound]) -> None:
         if not outbound:
@@ -144,7 +148,7 @@ class JetStreamOut:
                 log.warning("publish failed, retrying", error=repr(exc), messages=len(outbound))
                 if isinstance(exc, nats.errors.NoRespondersError):
                     # No stream takes the subject: it was lost.
-                    await _redeclare(self._js, self.replicas)
+                    await _redeclare(self._js, self.streams)
                 await backoff.wait()
 
 
@@ -160,7 +164,7 @@ class ChainRunner:
         *,
         batch_size: int = 500,
         redelivery: Redelivery | None = None,
-        replicas: int = 1,
+        streams: StreamPolicy | None = None,
     ) -> None:
         self._js = js
         self.steps = list(steps)
@@ -170,7 +174,7 @@ class ChainRunner:
         self._stop = stop
         self._batch_size = batch_size
         self._redelivery = redelivery or Redelivery()
-        self._out = JetStreamOut(js, stop, replicas=replicas)
+        self._out = JetStreamOut(js, stop, streams=streams)
         self.healthy = False
         self.last_error: str | None = None
         #: Since when fetches have come back empty (None while messages arrive).
@@ -213,7 +217,7 @@ class ChainRunner:
                 self.last_error = repr(exc)
                 log.warning("consumer not ready, retrying", stage=self.name, error=repr(exc))
                 if isinstance(exc, nats.js.errors.NotFoundError):
-                    await _redeclare(self._js, self._out.replicas)  # its stream was lost
+                    await _redeclare(self._js, self._out.streams)  # its stream was lost
                 try:
                     await backoff.wait()
                 except Abandoned:
@@ -454,10 +458,10 @@ class ChainRunner:
                 self._stalled.set()
 
 
-async def _redeclare(js: Any, replicas: int) -> None:
+async def _redeclare(js: Any, streams: StreamPolicy | None) -> None:
     """Create the streams again that a server lost (deleted, or restarted without its store)."""
     try:
-        await declare_streams(js, replicas)
+        await declare_streams(js, streams)
         log.warning("streams declared again")
     except Exception as exc:
         log.debug("streams could not be declared", error=repr(exc))

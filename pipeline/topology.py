@@ -37,18 +37,28 @@ class Stream:
     # which fails on small disks even while the stream is empty.
     max_msgs: int = 20_000_000
 
-    def config(self, replicas: int = 1) -> StreamConfig:
+    def config(self, policy: StreamPolicy | None = None) -> StreamConfig:
+        policy = policy or StreamPolicy()
         return StreamConfig(
-            num_replicas=replicas,
+            num_replicas=policy.replicas,
             name=self.name,
             subjects=list(self.subjects),
             retention=RetentionPolicy.WORK_QUEUE if self.work_queue else RetentionPolicy.LIMITS,
             discard=DiscardPolicy.NEW if self.work_queue else DiscardPolicy.OLD,
             storage=StorageType.FILE,
-            max_age=self.max_age_s,
+            max_age=policy.max_age_s.get(self.name, self.max_age_s),
             max_msgs=self.max_msgs,
             duplicate_window=DUPLICATE_WINDOW_S,
         )
+
+
+@dataclass(frozen=True)
+class StreamPolicy:
+    """What an operator sets about every stream: its copies (PIPELINE_STREAM_REPLICAS) and, for
+    the streams that keep history, how long (PIPELINE_*_RETENTION_DAYS), by stream name."""
+
+    replicas: int = 1
+    max_age_s: Mapping[str, float] = field(default_factory=dict)
 
 
 STREAMS: tuple[Stream, ...] = (

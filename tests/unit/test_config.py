@@ -58,6 +58,34 @@ def test_stream_replicas_reach_every_stream_config(monkeypatch) -> None:
     from pipeline.topology import STREAMS
 
     monkeypatch.setenv("PIPELINE_STREAM_REPLICAS", "3")
-    replicas = Settings().stream_replicas
-    assert {s.config(replicas).num_replicas for s in STREAMS} == {3}
+    policy = Settings().streams
+    assert {s.config(policy).num_replicas for s in STREAMS} == {3}
     assert {s.config().num_replicas for s in STREAMS} == {1}
+
+
+def test_stream_retention_days_set_the_max_age_of_the_streams_that_keep_history(
+    monkeypatch,
+) -> None:
+    from pipeline.config import Settings
+    from pipeline.topology import STREAMS
+
+    monkeypatch.setenv("PIPELINE_DLQ_RETENTION_DAYS", "3")
+    monkeypatch.setenv("PIPELINE_MESSWERTE_RETENTION_DAYS", "30.5")
+    monkeypatch.setenv("PIPELINE_BESS_INTERVALS_RETENTION_DAYS", "90")
+    ages = {s.name: s.config(Settings().streams).max_age for s in STREAMS}
+    day = 86_400
+    assert ages["DLQ"] == 3 * day
+    assert ages["MESSWERTE"] == 30.5 * day
+    assert ages["BESS_INTERVALS"] == 90 * day
+    assert ages["INGEST"] == 7 * day  # work queues keep their own bound
+
+
+def test_raw_retention_is_unset_by_default_and_must_be_positive(monkeypatch) -> None:
+    import pydantic
+
+    from pipeline.config import Settings
+
+    assert Settings().raw_retention is None
+    monkeypatch.setenv("PIPELINE_RAW_RETENTION_DAYS", "0")
+    with pytest.raises(pydantic.ValidationError):
+        Settings()
