@@ -26,6 +26,7 @@ from pipeline.health import AggregationHealth, DatabaseHealth, Health, MqttHealt
 from pipeline.http import make_app, serve
 from pipeline.metrics import Metrics
 from pipeline.migrations import migrate
+from pipeline.prune import METERS, bess_table, prune
 from pipeline.publisher import OutboxPublisher
 from pipeline.retry import Abandoned, Backoff, first_of
 from pipeline.runner import ChainRunner, Redelivery, Step
@@ -125,7 +126,7 @@ class Pipeline:
         tasks: list[asyncio.Task[Any]] = []
         http = api = None
         try:
-            await self._until_up("nats", lambda: declare_streams(js, s.stream_replicas))
+            await self._until_up("nats", lambda: declare_streams(js, s.streams))
             if DB_STAGES & set(self.stages):
                 if self.auto_migrate:
                     await self._until_up("postgresql", lambda: migrate(s.database_url))
@@ -197,6 +198,8 @@ class Pipeline:
             for kind, health in (("zev", self.aggregation), ("bess", self.aggregation_bess)):
                 window = impls[("window_aggregate", kind)]
                 tasks.append(asyncio.create_task(self._sweep(window, health), name=f"sweep-{kind}"))
+            if s.raw_retention is not None:
+                tasks.append(asyncio.create_task(self._prune(pool), name="prune"))
         sinks: dict[str, Sink] = {}
         for group in chains(self.stages, self.mode):
             steps = [Step(row, impls[(row.name, row.kind)]) for row in group]
@@ -207,7 +210,7 @@ class Pipeline:
                 self.stop,
                 batch_size=s.batch_size,
                 redelivery=Redelivery(ack_wait_s=s.ack_wait_seconds, max_deliver=s.max_deliver),
-                replicas=s.stream_replicas,
+                streams=s.streams,
             )
             self.health.components[f"stage:{runner.name}"] = Probe(
                 lambda r=runner: r.healthy, lambda r=runner: {"last_error": r.last_error}
@@ -229,7 +232,7 @@ class Pipeline:
         if pool is not None and "publish" in self.stages:
             for name, outbox in (("publish", MESSWERTE), ("publish:bess", BESS_INTERVALS)):
                 publisher = OutboxPublisher(
-                    pool, s.database_url, js, self.metrics, self.stop, outbox, s.stream_replicas
+                    pool, s.database_url, js, self.metrics, self.stop, outbox, s.streams
                 )
                 self.health.components[name] = Probe(lambda p=publisher: p.healthy)
                 tasks.append(asyncio.create_task(publisher.run(), name=name))
@@ -271,14 +274,22 @@ class Pipeline:
         }
         if pool is None:
             return impls
-        limit = s.max_payload_bytes
+        limit, keep = s.max_payload_bytes, s.raw_retention
         impls.update(
             {
-                ("validate", "zev"): Validate(EinheitCache(pool), max_payload_bytes=limit),
-                ("validate", "bess"): ValidateBess(DeviceCache(pool), max_payload_bytes=limit),
-                ("persist", "zev"): Persist(pool),
-                ("persist", "bess"): Persist(pool, BessTelemetry(s.bess_max_gap_seconds)),
-                ("window_aggregate", "zev"): WindowAggregate(pool, grace=s.grace),
+                ("validate", "zev"): Validate(
+                    EinheitCache(pool), max_payload_bytes=limit, retention=keep
+                ),
+                ("validate", "bess"): ValidateBess(
+                    DeviceCache(pool), max_payload_bytes=limit, retention=keep
+                ),
+                ("persist", "zev"): Persist(pool, retention=keep),
+                ("persist", "bess"): Persist(
+                    pool, BessTelemetry(s.bess_max_gap_seconds), retention=keep
+                ),
+                ("window_aggregate", "zev"): WindowAggregate(
+                    pool, grace=s.grace, concurrency=s.aggregation_concurrency
+                ),
                 ("window_aggregate", "bess"): WindowAggregateBess(
                     pool, grace=s.grace, max_gap_s=s.bess_max_gap_seconds
                 ),
@@ -317,6 +328,22 @@ class Pipeline:
             if window.due.is_set() and not self.stop.is_set():
                 # A late reading woke us: let the rest of its burst arrive, then sum once.
                 await asyncio.sleep(COALESCE_S)
+
+    async def _prune(self, pool: TimedPool) -> None:
+        """Retention, from the sweeper: at start, then every `prune_interval_seconds`; after a
+        failure (the database away), again a minute later."""
+        s = self.settings
+        assert s.raw_retention is not None
+        tables = (METERS, bess_table(s.bess_max_gap_seconds))
+        while not self.stop.is_set():
+            wait_s = s.prune_interval_seconds
+            try:
+                for result in await prune(pool, tables, retention=s.raw_retention, grace=s.grace):
+                    self.metrics.raw_rows_pruned.labels(result.table).inc(result.rows)
+            except Exception as exc:
+                log.warning("prune failed, retrying in a minute", error=repr(exc))
+                wait_s = min(wait_s, 60.0)
+            await first_of(self.stop, timeout_s=wait_s)
 
 
 async def _close_nats(broker: Any, nc: Any) -> None:

@@ -1,5 +1,5 @@
 """Command line (`pipeline`, also `python -m pipeline`): demo, migrate, run, import-csv, token,
-tail, asyncapi (§8)."""
+prune, tail, asyncapi (§8)."""
 
 from __future__ import annotations
 
@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     token_verbs.add_parser("list", help="name, organization, created, last used, revoked")
     revoke = token_verbs.add_parser("revoke", help="revoke a token (within 5 s everywhere)")
     revoke.add_argument("name", metavar="NAME")
+    prune = verbs.add_parser(
+        "prune", help="delete processed raw rows older than PIPELINE_RAW_RETENTION_DAYS"
+    )
+    prune.add_argument("--dry-run", action="store_true", help="count what would go, delete nothing")
     imp = verbs.add_parser("import-csv", help="feed CSV readings through the pipeline (quelle=CSV)")
     imp.add_argument("file", type=Path, metavar="FILE")
     return parser
@@ -110,6 +114,36 @@ async def _token(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     finally:
         await db.close()
+
+
+async def _prune(settings: Settings, dry_run: bool) -> int:
+    from pipeline.database import connect
+    from pipeline.migrations import migrate
+    from pipeline.prune import METERS, bess_table, prune
+
+    if settings.raw_retention is None:
+        print(
+            "prune: PIPELINE_RAW_RETENTION_DAYS is not set, raw rows are kept forever",
+            file=sys.stderr,
+        )
+        return 2
+    await migrate(settings.database_url)
+    pool = await connect(
+        settings.database_url,
+        size=1,
+        connect_s=settings.db_connect_timeout_seconds,
+        acquire_s=settings.db_acquire_timeout_seconds,
+        statement_s=settings.db_statement_timeout_seconds,
+    )
+    try:
+        tables = (METERS, bess_table(settings.bess_max_gap_seconds))
+        for result in await prune(
+            pool, tables, retention=settings.raw_retention, grace=settings.grace, dry_run=dry_run
+        ):
+            print(f"prune: {result}")
+    finally:
+        await pool.close()
+    return 0
 
 
 def _use_uvloop() -> None:
@@ -164,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.verb == "token":
         return asyncio.run(_token(settings, args))
+    if args.verb == "prune":
+        return asyncio.run(_prune(settings, args.dry_run))
     if args.verb == "import-csv":
         from pipeline.csv_import import import_csv
 

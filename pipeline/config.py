@@ -11,6 +11,8 @@ from urllib.parse import unquote, urlsplit
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipeline.topology import DAY_S, StreamPolicy
+
 
 def redact(url: str) -> str:
     """A URL fit for logs: the password, if any, replaced."""
@@ -60,6 +62,12 @@ class Settings(BaseSettings):
     bess_max_gap_seconds: float = Field(
         default=300, gt=0, description="BESS samples further apart are not integrated (§13)"
     )
+    raw_retention_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="processed raw rows older than this are pruned, older readings rejected "
+        "`too_old`; unset: kept forever",
+    )
 
     # Tuning, not part of the contract.
     log_level: str = "info"
@@ -95,6 +103,20 @@ class Settings(BaseSettings):
     max_deliver: int = Field(
         default=10, ge=2, description="deliveries before a message goes to dlq.max_deliveries"
     )
+    # How long the streams that keep history keep it (JetStream max_age).
+    dlq_retention_days: float = Field(default=14, gt=0, description="stream DLQ")
+    messwerte_retention_days: float = Field(default=400, gt=0, description="stream MESSWERTE")
+    bess_intervals_retention_days: float = Field(
+        default=400, gt=0, description="stream BESS_INTERVALS"
+    )
+    prune_interval_seconds: float = Field(
+        default=DAY_S, gt=0, description="how often the sweeper prunes raw rows (if retention)"
+    )
+    aggregation_concurrency: int = Field(
+        default=2,
+        ge=1,
+        description="chunks of due intervals summed at once, each its own transaction",
+    )
 
     @field_validator("mqtt_url")
     @classmethod
@@ -113,3 +135,19 @@ class Settings(BaseSettings):
     @property
     def grace(self) -> timedelta:
         return timedelta(seconds=self.window_grace_seconds)
+
+    @property
+    def raw_retention(self) -> timedelta | None:
+        days = self.raw_retention_days
+        return None if days is None else timedelta(days=days)
+
+    @property
+    def streams(self) -> StreamPolicy:
+        return StreamPolicy(
+            replicas=self.stream_replicas,
+            max_age_s={
+                "DLQ": self.dlq_retention_days * DAY_S,
+                "MESSWERTE": self.messwerte_retention_days * DAY_S,
+                "BESS_INTERVALS": self.bess_intervals_retention_days * DAY_S,
+            },
+        )

@@ -328,6 +328,7 @@ class Mosquitto(_Process):
         extra_config: str = "",
         stock_limits: bool = False,
         anonymous: bool = True,
+        max_queued: int = 1_000_000,
     ) -> None:
         super().__init__(workdir)
         self.port = free_port()
@@ -336,6 +337,8 @@ class Mosquitto(_Process):
         self.anonymous = anonymous
         #: mosquitto's own defaults: 20 in flight per client, 1000 queued behind them.
         self.stock_limits = stock_limits
+        #: Messages queued per client behind those in flight (unless stock limits).
+        self.max_queued = max_queued
 
     @property
     def url(self) -> str:
@@ -348,7 +351,9 @@ class Mosquitto(_Process):
         self.workdir.chmod(0o777)
         config = self.workdir / "mosquitto.conf"
         limits = (
-            "" if self.stock_limits else "max_inflight_messages 1000\nmax_queued_messages 1000000\n"
+            ""
+            if self.stock_limits
+            else f"max_inflight_messages 1000\nmax_queued_messages {self.max_queued}\n"
         )
         config.write_text(
             f"listener {self.port} 127.0.0.1\n"

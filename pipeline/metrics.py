@@ -45,6 +45,12 @@ class Metrics:
         self.aggregation_failures = Counter(
             "pipeline_aggregation_failures_total", "Aggregation runs that failed", registry=r
         )
+        self.raw_rows_pruned = Counter(
+            "pipeline_raw_rows_pruned_total",
+            "Processed raw rows deleted by retention (PIPELINE_RAW_RETENTION_DAYS)",
+            ["table"],
+            registry=r,
+        )
         self.aggregation_records = Counter(
             "zev_aggregation_records_processed_total",
             "Raw rows newly taken over into messwerte",

@@ -47,6 +47,9 @@ class RejectReason(StrEnum):
     TOPIC_MISMATCH = "topic_mismatch"
     #: A BESS device not registered in `bess_device`.
     UNKNOWN_DEVICE = "unknown_device"
+    #: Older than PIPELINE_RAW_RETENTION_DAYS: its interval's raw rows may be pruned already,
+    #: and a re-sum would overwrite the full sum with a partial one.
+    TOO_OLD = "too_old"
 
 
 class IngestMessage(BaseModel):

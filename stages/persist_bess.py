@@ -90,6 +90,9 @@ class BessTelemetry:
     def upsert(self, rows: Sequence[BessSample]) -> tuple[str, list[Any]]:
         return UPSERT_SQL, [json.dumps([_row(s) for s in rows]), float(self.max_gap_s)]
 
+    def timestamp_of(self, row: BessSample) -> datetime:
+        return row.ts
+
     def key_of(self, record: Any) -> tuple[str, str, datetime]:
         return (record["site"], record["device"], record["ts"])
 

@@ -2,7 +2,8 @@
 
 Covers design §3: malformed JSON, wrong types, bad timestamps, negative or oversized values,
 bad topics, unknown units and units of another organization (a security event, logged as
-an error). A reading in the future is stored anyway, with a warning.
+an error). A reading in the future is stored anyway, with a warning; one older than the raw
+retention (PIPELINE_RAW_RETENTION_DAYS, when set) is refused `too_old`.
 """
 
 from __future__ import annotations
@@ -200,6 +201,17 @@ def _message(error: Any) -> str:
     return str(error["msg"])
 
 
+def refuse_too_old(ts: datetime, now: datetime, retention: timedelta | None) -> None:
+    """Design §3: a reading older than the raw retention is refused (`too_old`)."""
+    if retention is not None and ts < now - retention:
+        raise Refused(
+            RejectReason.TOO_OLD,
+            f"timestamp {ts.isoformat()} is older than the raw retention of "
+            f"{retention.total_seconds() / 86_400:g} days (PIPELINE_RAW_RETENTION_DAYS): "
+            "its interval's raw rows may be pruned, and a re-sum would be partial",
+        )
+
+
 class Validate:
     """Stage `validate`: ingest message -> `Reading` on `valid.…`, or `Reject` on `dlq.…`."""
 
@@ -209,9 +221,11 @@ class Validate:
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        retention: timedelta | None = None,
     ) -> None:
         self._units = units
         self._clock = clock
+        self._retention = retention
         self._max_payload_bytes = max_payload_bytes
         self._topics: dict[str, tuple[UUID, int]] = {}
 
@@ -259,7 +273,9 @@ class Validate:
                 RejectReason.ORGANIZATION_MISMATCH,
                 f"einheit {einheit_id} does not belong to organization {org}",
             )
-        if payload.timestamp - self._clock() > FUTURE_TOLERANCE:
+        now = self._clock()
+        refuse_too_old(payload.timestamp, now, self._retention)
+        if payload.timestamp - now > FUTURE_TOLERANCE:
             log.warning(
                 "reading in the future, stored anyway",
                 einheit_id=einheit_id,

@@ -10,7 +10,7 @@ do not add up to `p`, is stored anyway with a warning: it fails a plausibility c
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 from uuid import UUID
 
@@ -23,6 +23,7 @@ from stages.validate import (
     FUTURE_TOLERANCE,
     Refused,
     parse_json_object,
+    refuse_too_old,
     validate_model,
 )
 
@@ -78,9 +79,11 @@ class ValidateBess:
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        retention: timedelta | None = None,
     ) -> None:
         self._devices = devices
         self._clock = clock
+        self._retention = retention
         self._max_payload_bytes = max_payload_bytes
 
     async def __call__(self, msg: IngestMessage) -> list[BessSample | Reject]:
@@ -121,7 +124,9 @@ class ValidateBess:
                 RejectReason.ORGANIZATION_MISMATCH,
                 f"device {site}/{device} does not belong to organization {msg.organization_id}",
             )
-        warnings = plausibility(payload, self._clock())
+        now = self._clock()
+        refuse_too_old(payload.ts, now, self._retention)
+        warnings = plausibility(payload, now)
         if warnings:
             log.warning(
                 "implausible sample, stored anyway",

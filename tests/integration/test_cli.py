@@ -136,3 +136,46 @@ def test_demo_ends_with_its_summary_and_leaves_no_process_behind(tmp_path: Path)
     assert samples >= 3 * 240  # three batteries, a sample every 30 s for two hours
     assert intervals >= 3 * 8
     assert _processes_mentioning("messwerte-demo-") == []
+
+
+def prune_cli(database: str, *args: str, **settings: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*PIPELINE, "prune", *args],
+        env=env(database_url=database, **settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def old_processed_rows(db: asyncpg.Connection, count: int) -> None:
+    """Raw rows of 40 days ago, summed (`verarbeitet`), as a pipeline leaves them."""
+    org = uuid.uuid4()
+    await db.execute("INSERT INTO einheit (id, organization_id) VALUES (1, $1)", org)
+    start = (datetime.now(UTC) - timedelta(days=40)).replace(minute=0, second=0, microsecond=0)
+    await db.executemany(
+        "INSERT INTO zaehler_rohdaten (einheit_id, organization_id, timestamp, verbrauch, "
+        "einspeisung, verarbeitet, verarbeitet_am) VALUES (1, $1, $2, 1, 0, TRUE, NOW())",
+        [(org, start + timedelta(minutes=m)) for m in range(count)],
+    )
+
+
+async def test_prune_dry_run_counts_and_changes_nothing_then_prune_deletes(database, db) -> None:
+    await old_processed_rows(db, 30)
+    dry = prune_cli(database, "--dry-run", raw_retention_days="30")
+    assert dry.returncode == 0, dry.stderr
+    assert "zaehler_rohdaten: would delete 30 processed rows" in dry.stdout
+    assert await db.fetchval("SELECT count(*) FROM zaehler_rohdaten") == 30
+    done = prune_cli(database, raw_retention_days="30")
+    assert done.returncode == 0, done.stderr
+    assert "zaehler_rohdaten: deleted 30 processed rows" in done.stdout
+    assert await db.fetchval("SELECT count(*) FROM zaehler_rohdaten") == 0
+
+
+async def test_prune_without_a_retention_deletes_nothing_and_says_why(database, db) -> None:
+    await old_processed_rows(db, 3)
+    done = prune_cli(database)
+    assert done.returncode == 2
+    assert "PIPELINE_RAW_RETENTION_DAYS is not set" in done.stderr
+    assert await db.fetchval("SELECT count(*) FROM zaehler_rohdaten") == 3

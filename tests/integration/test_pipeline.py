@@ -372,3 +372,23 @@ async def test_streams_lost_on_the_server_are_declared_again_and_readings_flow(
         await eventually(
             lambda: stream_messages(settings.nats_url, "MESSWERTE"), lambda got: len(got) == 1
         )
+
+
+async def test_reading_older_than_the_raw_retention_goes_to_dlq_too_old_and_the_next_is_stored(
+    settings, units, db, mqtt_broker
+) -> None:
+    """PIPELINE_RAW_RETENTION_DAYS=1: a reading of two days ago would re-sum an interval whose
+    raw rows may be pruned."""
+    kept = settings.model_copy(update={"raw_retention_days": 1.0})
+    old = datetime.now(UTC) - timedelta(days=2)
+    at = BASE + timedelta(minutes=8)
+    async with running(kept):
+        await publish(
+            mqtt_broker.url, [(topic(ORG_A, 1), body(old, "9")), (topic(ORG_A, 1), body(at, "1.5"))]
+        )
+        dlq = await eventually(
+            lambda: stream_messages(settings.nats_url, "DLQ"), lambda got: len(got) == 1
+        )
+        await eventually(lambda: db_raw(db), lambda got: (1, at) in got)
+    assert dlq[0].subject == "dlq.too_old"
+    assert list(await db_raw(db)) == [(1, at)]

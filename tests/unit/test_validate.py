@@ -147,3 +147,20 @@ async def test_a_parser_bug_rejects_the_message_instead_of_blocking_the_stage(mo
     assert isinstance(out, Reject)
     assert out.reason == RejectReason.UNDECODABLE
     assert "ZeroDivisionError" in out.detail
+
+
+async def test_reading_older_than_the_raw_retention_is_too_old_and_the_next_one_taken() -> None:
+    validate = Validate(Units({7: ORG}), clock=lambda: NOW, retention=timedelta(days=30))
+    old = (NOW - timedelta(days=30, seconds=1)).isoformat()
+    inside = (NOW - timedelta(days=29, hours=23)).isoformat()
+    [out] = await validate(message(timestamp=old))
+    [good] = await validate(message(timestamp=inside, seq=2))
+    assert isinstance(out, Reject)
+    assert out.reason == RejectReason.TOO_OLD
+    assert "30 days" in out.detail
+    assert isinstance(good, Reading)
+
+
+async def test_without_a_raw_retention_no_reading_is_too_old() -> None:
+    [out] = await stage()(message(timestamp="1990-01-01T00:00:00Z"))
+    assert isinstance(out, Reading)

@@ -216,3 +216,13 @@ async def test_warnings_are_counted_and_the_latest_sample_sets_the_gauges() -> N
         sample("bess_last_telemetry_timestamp_seconds", labels)
         == datetime(2025, 6, 1, 11, 59, 30, tzinfo=UTC).timestamp()
     )
+
+
+async def test_a_sample_older_than_the_raw_retention_is_too_old() -> None:
+    validate = ValidateBess(Devices(), clock=lambda: NOW, retention=timedelta(days=7))
+    old = {**GOOD, "ts": (NOW - timedelta(days=7, minutes=1)).isoformat()}
+    [out] = await validate(message(old))
+    [good] = await validate(message(GOOD))
+    assert isinstance(out, Reject)
+    assert out.reason == RejectReason.TOO_OLD
+    assert isinstance(good, BessSample)
