@@ -10,6 +10,9 @@ in between re-publishes, which JetStream's duplicate window turns into a no-op.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -27,6 +30,19 @@ log = structlog.get_logger("pipeline.publisher")
 
 POLL_S = 1.0
 CLAIM_LIMIT = 500
+
+
+@dataclass
+class _Batch:
+    """Claimed outbox rows, sent and waiting to be stored; `stack` holds their transaction."""
+
+    stack: contextlib.AsyncExitStack
+    conn: Any
+    rows: list[Any]
+    outbound: list[Any]
+    sent: list[asyncio.Future[Any]]
+    #: What the rows became (`messwertmessage`, `bessintervalmessage`), for the stage metrics.
+    kind: str
 
 
 class OutboxPublisher:
@@ -55,8 +71,7 @@ class OutboxPublisher:
         try:
             while not self._stop.is_set():
                 try:
-                    while await self._drain_once() == CLAIM_LIMIT:
-                        pass
+                    await self._drain()
                     self.healthy = True
                     backoff = Backoff(self._stop)
                 except Abandoned:
@@ -74,22 +89,63 @@ class OutboxPublisher:
         finally:
             listener.cancel()
 
-    async def _drain_once(self) -> int:
-        async with self._pool.acquire() as conn, conn.transaction():
+    async def _drain(self) -> None:
+        """Publish every row in the outbox, a batch at a time. While JetStream stores one
+        batch (with `sync_interval: always`, one fsync per message: about 4,500 messages/s on
+        the bench machine), the next is claimed and sent, so the database round trips and the
+        encoding overlap with the storing. Batches are sent in claim order on one connection,
+        so JetStream stores them in that order; a batch leaves the outbox, in the transaction
+        that claimed it, once every one of its messages is stored."""
+        pending: _Batch | None = None
+        batch: _Batch | None = None
+        try:
+            while True:
+                batch = await self._claim_and_send()
+                if pending is not None:
+                    done, pending = pending, None
+                    await self._finish(done)
+                if batch is None:
+                    return
+                if len(batch.rows) < CLAIM_LIMIT:
+                    done, batch = batch, None
+                    await self._finish(done)
+                    return
+                pending, batch = batch, None
+        finally:
+            for left in (pending, batch):  # sent, not finished: rolled back, published again
+                if left is not None:
+                    await left.stack.__aexit__(*sys.exc_info())
+
+    async def _claim_and_send(self) -> _Batch | None:
+        stack = contextlib.AsyncExitStack()
+        try:
+            conn = await stack.enter_async_context(self._pool.acquire())
+            await stack.enter_async_context(conn.transaction())
             rows = await self.outbox.claim(conn, CLAIM_LIMIT)
             if not rows:
-                return 0
-            messages = [self.outbox.to_message(row) for row in rows]
+                await stack.aclose()
+                return None
             outbound = []
-            for message in messages:
+            for row in rows:
+                message = self.outbox.to_message(row)
                 body, headers = encode(message)
                 outbound.append((message.subject, body, headers))
-            await self._out.publish(outbound)
-            await self.outbox.done(conn, [row["id"] for row in rows])
-        self._metrics.published_from[self.outbox.table].inc(len(messages))
-        kind = type(messages[0]).__name__.lower()
-        self._metrics.stage_out.labels("publish", kind).inc(len(messages))
-        return len(rows)
+            sent = await self._out.send(outbound)
+        except BaseException:
+            await stack.__aexit__(*sys.exc_info())
+            raise
+        return _Batch(stack, conn, rows, outbound, sent, type(message).__name__.lower())
+
+    async def _finish(self, batch: _Batch) -> None:
+        try:
+            await self._out.stored(batch.outbound, batch.sent)
+            await self.outbox.done(batch.conn, [row["id"] for row in batch.rows])
+        except BaseException:
+            await batch.stack.__aexit__(*sys.exc_info())
+            raise
+        await batch.stack.aclose()  # commits
+        self._metrics.published_from[self.outbox.table].inc(len(batch.rows))
+        self._metrics.stage_out.labels("publish", batch.kind).inc(len(batch.rows))
 
     async def _listen(self) -> None:
         """Keep a LISTEN connection open; reconnect quietly, polling covers the gaps."""

@@ -132,6 +132,22 @@ class JetStreamOut:
         self._timeout_s = timeout_s
         self.streams = streams
 
+    async def send(self, outbound: Sequence[Outbound]) -> list[asyncio.Future[Any]]:
+        """Hand every message to the connection, in order; the futures resolve once JetStream
+        stored each one. `publish()` again what fails: it retries until all are stored."""
+        return [
+            await self._js.publish_async(subject, body, headers=headers or None)
+            for subject, body, headers in outbound
+        ]
+
+    async def stored(self, outbound: Sequence[Outbound], sent: list[asyncio.Future[Any]]) -> None:
+        """Wait for the acks of what `send()` sent; on any failure, publish it all again."""
+        try:
+            await asyncio.wait_for(asyncio.gather(*sent), timeout=self._timeout_s)
+        except Exception as exc:
+            log.info("publish not confirmed, publishing again", error=repr(exc))
+            await self.publish(outbound)
+
     async def publish(self, outbound: Sequence[Outbound]) -> None:
         if not outbound:
             return
