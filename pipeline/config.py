@@ -86,6 +86,18 @@ class Settings(BaseSettings):
         default="auto", description="auto: MQTT 5 where the broker has it, else 3.1.1"
     )
     sweep_interval_seconds: float = Field(default=1.0, gt=0)
+    mqtt_receive_maximum: int = Field(
+        default=10_000,
+        ge=1,
+        le=65_535,
+        description="MQTT 5: messages the broker may send before they are acknowledged; the "
+        "bridge holds them in memory until stored",
+    )
+    batch_linger_seconds: float = Field(
+        default=0.02,
+        ge=0,
+        description="the bridge lets a batch smaller than batch_size fill this long",
+    )
     mqtt_silence_threshold_seconds: float | None = Field(
         default=None, description="opt-in: /health/mqtt turns 503 after this long without a message"
     )

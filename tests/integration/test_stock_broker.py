@@ -1,6 +1,6 @@
 """The bridge against mosquitto with its stock limits: 20 messages in flight per 3.1.1 client,
-and what queues behind them dropped beyond 1000. Over MQTT 5 the bridge asks for up to 65,535
-in flight (Receive Maximum), so a burst that arrives while the database is blocked is held by
+and what queues behind them dropped beyond 1000. Over MQTT 5 the bridge asks for up to
+PIPELINE_MQTT_RECEIVE_MAXIMUM (10,000) in flight, so a burst that arrives while the database is blocked is held by
 the bridge, unacknowledged, instead of being dropped by the broker."""
 
 from __future__ import annotations
