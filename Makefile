@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint typecheck unit integration bench soak clean
+.PHONY: venv demo test lint typecheck unit integration bench bench-fleet soak clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ required"; exit 1; }
@@ -43,6 +43,12 @@ $(BIN)/.bench-installed: $(BIN)/.installed
 
 bench: $(BIN)/.bench-installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench $(BENCH_ARGS)
+
+# The fleet bench (issue "fleet scale"): 1,000 to 100,000 units, the quarter-hour burst, a
+# sustained run at the fleet's rate; table, JSON and chart in bench/results/.
+FLEET_ARGS ?= --fleet 1000,10000,100000
+bench-fleet: $(BIN)/.bench-installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench $(FLEET_ARGS)
 
 soak: $(BIN)/.bench-installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench --soak $(BENCH_ARGS)

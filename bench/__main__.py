@@ -48,6 +48,22 @@ def _parser() -> argparse.ArgumentParser:
         help="instead (or after --bess): the ingest API against a publish-only ceiling",
     )
     p.add_argument("--soak-minutes", type=float, default=10.0)
+    p.add_argument(
+        "--fleet",
+        metavar="SIZES",
+        help="instead: the fleet bench, e.g. 1000,10000,100000 units (bench.fleet)",
+    )
+    p.add_argument(
+        "--fleet-readings",
+        default="15,3",
+        help="readings per unit and quarter hour, one fleet run per value",
+    )
+    p.add_argument(
+        "--sustain-seconds",
+        type=float,
+        default=60.0,
+        help="fleet: the largest size at its quarter-hour rate for this long (0 = skip)",
+    )
     return p
 
 
@@ -64,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.soak:
             code = _soak(stack, args, workdir)
+        elif args.fleet:
+            code = _fleet(stack, args, workdir)
         elif args.bess or args.http:
             code = _ingest(stack, args, workdir)
         else:
@@ -174,6 +192,47 @@ def _ingest(stack: Stack, args: argparse.Namespace, workdir: Path) -> int:
     (args.out / f"ingest-{stamp}.md").write_text("\n".join(text) + "\n")
     print(f"\nwritten: {args.out}/ingest-{stamp}.json, .md")
     return 1 if lost else 0
+
+
+def _fleet(stack: Stack, args: argparse.Namespace, workdir: Path) -> int:
+    from bench import fleet, fleet_report
+
+    started = time.monotonic()
+    sizes = sorted(int(n) for n in args.fleet.split(","))
+    per_units = [int(n) for n in args.fleet_readings.split(",")]
+    results = []
+    for per in per_units:
+        expected: float | None = None
+        for n in sizes:
+            largest = n == sizes[-1] and per == per_units[0]
+            print(f"fleet: {n:,} units × {per} readings ...", flush=True)
+            r = fleet.run_size(
+                stack,
+                n,
+                per,
+                workdir,
+                expected_rate=expected,
+                sustain_s=args.sustain_seconds if largest else 0.0,
+                plans=largest,
+            )
+            expected = r.load_rate or None
+            print(
+                f"  load {r.load_rate:,.0f}/s ({r.raw_rate:,.0f} raw), idle sweep "
+                f"{r.idle_sweep_ms:.1f} ms, burst max {r.burst_max_s:.1f} s",
+                flush=True,
+            )
+            results.append(r)
+    setup = {
+        "broker": stack.broker_name,
+        "nats_sync": args.nats_sync,
+        "machine": report.machine(),
+        "duration_s": round(time.monotonic() - started, 1),
+    }
+    print()
+    print(fleet_report.table(results, setup))
+    paths = fleet_report.write(results, setup, args.out)
+    print("\nwritten: " + ", ".join(str(p) for p in paths))
+    return 0 if all(r.sums_match and r.published == r.units for r in results) else 1
 
 
 def _soak(stack: Stack, args: argparse.Namespace, workdir: Path) -> int:

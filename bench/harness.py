@@ -67,7 +67,9 @@ class Stack:
         self.postgres = Postgres(workdir / "pg").start()
         self.broker: Any
         if mosquitto_binary():
-            self.broker = Mosquitto(workdir / "mosquitto").start()
+            # The fleet bench queues a whole quarter hour of 100,000 units (1.5 million
+            # readings) when the publishers outrun the subscriber: room for it.
+            self.broker = Mosquitto(workdir / "mosquitto", max_queued=5_000_000).start()
             self.broker_name = "mosquitto"
             self.mqtt_port = self.broker.port
         else:
@@ -76,6 +78,8 @@ class Stack:
             assert self.broker.mqtt_port is not None
             self.mqtt_port = self.broker.mqtt_port
         self.runs = 0
+        #: The NATS server of the run under way, if it has one.
+        self.nats: NatsServer | None = None
 
     def close(self) -> None:
         self.broker.stop()
@@ -100,9 +104,11 @@ class Stack:
                 self.workdir / f"nats-{self.runs}", sync_always=self.nats_sync_always
             ).start()
             env["PIPELINE_NATS_URL"] = nats.url
+        self.nats = nats
         try:
             yield env
         finally:
+            self.nats = None
             if nats is not None:
                 nats.stop()
 

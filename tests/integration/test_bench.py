@@ -4,6 +4,7 @@ machine is shared; `make bench` is where they are measured.)"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 from bench.__main__ import main
@@ -37,3 +38,32 @@ def test_bench_runs_every_system_on_the_same_load_and_reports_it(tmp_path, capsy
     table = next(tmp_path.glob("bench-*.md")).read_text()
     assert "× raw ceiling" in table
     assert data["raw_ceiling_msg_s"] == closed["raw"]["rate_msg_s"]
+
+
+def test_fleet_bench_closes_every_interval_of_a_small_fleet_and_reports_it(
+    tmp_path, capsys
+) -> None:
+    """`--fleet` on 60 units: every interval is stored and published with the right sums,
+    and the report has the table, the plans and the sustained run."""
+    code = main(
+        ["--fleet", "30,60", "--fleet-readings", "3", "--sustain-seconds", "3",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().out
+    data = json.loads(next(tmp_path.glob("fleet-*.json")).read_text())
+    results = {r["units"]: r for r in data["results"]}
+    assert set(results) == {30, 60}
+    for r in results.values():
+        assert r["sums_match"], r
+        assert r["published"] == r["units"]
+        assert 0 <= r["burst_p50_s"] <= r["burst_max_s"], r
+        assert r["raw_rate"] > 0
+        assert r["load_rate"] > 0
+    largest = results[60]
+    assert set(largest["plans"]) == {"due", "aggregate"}
+    assert largest["seq_scans"] == []
+    assert largest["sustained"]["readings"] > 0
+    table = next(tmp_path.glob("fleet-*.md")).read_text()
+    assert "× raw ceiling" in table
+    if importlib.util.find_spec("matplotlib") is not None:  # the chart needs `.[bench]`
+        assert next(tmp_path.glob("fleet-*.png")).stat().st_size > 0
