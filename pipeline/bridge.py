@@ -9,7 +9,8 @@ after a crash. Unacknowledged messages fill the in-flight window the broker allo
 how backpressure reaches the devices' broker.
 
 MQTT 5 is tried first: its Receive Maximum lets us take many messages unacknowledged
-(PIPELINE_MQTT_RECEIVE_MAXIMUM, 10,000: what the worker holds in memory at most), while a
+(PIPELINE_MQTT_RECEIVE_MAXIMUM, 10,000; `pipeline.mqtt_intake` also stops reading at that
+many queued, because mosquitto 2.0 overruns it), while a
 3.1.1 client gets the broker's own limit (mosquitto: 20), which caps throughput at 20
 messages per storage round trip and, with stock settings, makes the broker drop what queues up
 behind it. Brokers without MQTT 5 (nats-server's MQTT listener) get 3.1.1.
@@ -33,6 +34,7 @@ from pipeline.codec import encode
 from pipeline.config import Settings
 from pipeline.health import MqttHealth
 from pipeline.metrics import Metrics
+from pipeline.mqtt_intake import Intake
 from pipeline.retry import Abandoned, Backoff
 from pipeline.runner import JetStreamOut
 from schemas.messages import IngestMessage
@@ -173,9 +175,12 @@ class MqttBridge:
                 client_id=self._settings.mqtt_client_id,
             )
             messages = client.messages
+            intake = Intake(client, self._settings.mqtt_receive_maximum)
+            intake.install()
             stopper = asyncio.create_task(self._stop.wait())
             try:
                 while not self._stop.is_set():
+                    intake.took()
                     nxt = asyncio.ensure_future(anext(messages))
                     done, _ = await asyncio.wait(
                         {nxt, stopper}, return_when=asyncio.FIRST_COMPLETED
@@ -192,6 +197,7 @@ class MqttBridge:
                         # the iterator: cancelling that can drop a message it just took.)
                         await asyncio.sleep(self._linger_s)
                         await self._fill(messages, batch)
+                    intake.took()
                     await self._forward(client, batch)
             finally:
                 stopper.cancel()
