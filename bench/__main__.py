@@ -217,8 +217,9 @@ def _fleet(stack: Stack, args: argparse.Namespace, workdir: Path) -> int:
             )
             expected = r.load_rate or None
             print(
-                f"  load {r.load_rate:,.0f}/s ({r.raw_rate:,.0f} raw), idle sweep "
-                f"{r.idle_sweep_ms:.1f} ms, burst max {r.burst_max_s:.1f} s",
+                f"  load {r.load_rate:,.0f}/s ({r.raw_rate:,.0f} raw), sweeps finding nothing "
+                f"{r.load_sweep_ms:.1f} ms (load) / {r.idle_sweep_ms:.1f} ms (idle), burst max "
+                f"{r.burst_max_s:.1f} s",
                 flush=True,
             )
             results.append(r)

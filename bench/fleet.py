@@ -64,6 +64,10 @@ class FleetResult:
     raw_rate: float = 0.0
     load_rate: float = 0.0
     load_s: float = 0.0
+    #: Sweeps while the load streamed in, and after it, while its rows waited for the close:
+    #: none found anything due. Their count and mean duration.
+    load_sweeps: int = 0
+    load_sweep_ms: float = 0.0
     idle_sweeps: int = 0
     idle_sweep_ms: float = 0.0
     waited_s: float = 0.0
@@ -119,9 +123,10 @@ def publishers(
     """PUBLISHERS processes, connected and waiting; `go()` them to start."""
     procs = []
     tag = uuid.uuid4().hex[:6]
-    for j in range(PUBLISHERS):
+    count = max(min(PUBLISHERS, len(lines)), 1)
+    for j in range(count):
         path = workdir / f"fleet-{tag}-{j}.txt"
-        path.write_bytes(b"\n".join(lines[j::PUBLISHERS]) + b"\n")
+        path.write_bytes(b"\n".join(lines[j::count]) + b"\n")
         argv = [
             sys.executable,
             "-m",
@@ -131,7 +136,7 @@ def publishers(
             str(path),
         ]
         if rate:
-            argv.append(str(rate / PUBLISHERS))
+            argv.append(str(rate / count))
         procs.append(
             subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
@@ -270,6 +275,15 @@ async def _count(dsn: str, sql: str) -> Any:
         await conn.close()
 
 
+def _sweeps(before: dict[str, float], after: dict[str, float]) -> tuple[int, float]:
+    """Sweeps between two readings of the metrics: how many, and their mean in ms."""
+    count = after["zev_aggregation_duration_seconds_count"]
+    count -= before["zev_aggregation_duration_seconds_count"]
+    total = after["zev_aggregation_duration_seconds_sum"]
+    total -= before["zev_aggregation_duration_seconds_sum"]
+    return int(count), total / count * 1000 if count else 0.0
+
+
 def _plans(dsn: str, units: int, end: datetime, cutoff: datetime) -> dict[str, str]:
     async def explain() -> dict[str, str]:
         conn = await asyncpg.connect(dsn)
@@ -379,6 +393,7 @@ def run_size(
                     started = go(procs)
                     poll_s = 0.1 if len(lines) < 100_000 else 0.5  # a count of millions costs
                     rows, stored_at = asyncio.run(wait_for_rows(dsn, len(lines), 30.0, poll_s))
+                    loaded = metrics.read()
                     published_at(procs, 60)
                 result.load_s = stored_at - started
                 result.load_rate = rows / result.load_s
@@ -418,20 +433,8 @@ def run_size(
                 result.burst_max_s = delays[-1]
                 if times[-1] > times[0]:
                     result.publishes_per_s = len(times) / (times[-1] - times[0])
-            sweeps = (
-                m1["zev_aggregation_duration_seconds_count"]
-                - m0["zev_aggregation_duration_seconds_count"]
-            )
-            result.idle_sweeps = int(sweeps)
-            if sweeps:
-                result.idle_sweep_ms = (
-                    (
-                        m1["zev_aggregation_duration_seconds_sum"]
-                        - m0["zev_aggregation_duration_seconds_sum"]
-                    )
-                    / sweeps
-                    * 1000
-                )
+            result.load_sweeps, result.load_sweep_ms = _sweeps(m0, loaded)
+            result.idle_sweeps, result.idle_sweep_ms = _sweeps(loaded, m1)
             busy = (
                 m2["zev_aggregation_duration_seconds_sum"]
                 - m1["zev_aggregation_duration_seconds_sum"]

@@ -30,7 +30,7 @@ def main() -> None:
     port, client_id, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     rate = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
     with open(path, "rb") as f:
-        lines = [line.rstrip(b"\n").split(b" ", 1) for line in f]
+        lines = [line.rstrip(b"\n").split(b" ", 1) for line in f if line.strip()]
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
     client.max_inflight_messages_set(INFLIGHT)
     client.max_queued_messages_set(0)
