@@ -1,22 +1,21 @@
 """window_aggregate: sum closed 15-minute intervals into `messwerte` and queue them for publishing.
 
-An interval (end - 15 min, end] closes when the wall clock passes end + grace (design §5). Two
-things trigger an aggregation: `sweep()`, run periodically by the pipeline, finds every closed
-interval that still has unprocessed raw rows (which is also the catch-up after a stop), and a
-`Persisted` event for an already closed interval (late reading or correction) aggregates that
-interval at once.
+An interval (end - 15 min, end] closes when the wall clock passes end + grace (design §5).
+Persist marks the interval of every new or changed raw row as due (`messwerte_interval_dirty`)
+in the statement that stores the row. `sweep()`, run periodically by the pipeline, takes the
+marks of closed intervals, oldest first, a chunk per transaction (also the catch-up after a
+stop); a `Persisted` event for an already closed interval (late reading or correction) only
+wakes the sweeper early, so a backfill spread over several batches is summed once, and the
+database stays the only source of what is due.
 
-The event path does not aggregate by itself: it sets `due`, which wakes the sweeper early.
-A backfill that delivers one closed interval's readings over several batches is so summed
-once, not once per batch, and the database stays the only source of what is due.
-
-One statement per set of intervals does, in one transaction: lock the intervals' raw rows in
-key order, sum *all* of them (never only the unprocessed ones), upsert `messwerte` with
-the `quelle` all its raw rows share (`'MQTT'`, `'CSV'` from an import, `'API'` over HTTP), and
-`'MQTT'` where they differ, raising `revision` only when
-something changed, append each changed row to the outbox, and mark the raw rows `verarbeitet`.
-A raw row changed concurrently is either seen by the lock (and summed) or reset to unprocessed
-after it (and summed by the next sweep).
+Per chunk, in one transaction: lock its marks (`FOR UPDATE SKIP LOCKED`: concurrent sweepers
+and replicas take disjoint chunks), sum *all* raw rows of each interval (never only the
+unprocessed ones), upsert `messwerte` with the `quelle` all its raw rows share (`'MQTT'`,
+`'CSV'` from an import, `'API'` over HTTP; `'MQTT'` where they differ), raising `revision` only
+when something changed, append each changed row to the outbox, mark the raw rows `verarbeitet`
+and remove the marks. A raw row that persist is changing meanwhile is skipped (it is locked),
+and persist's mark of it waits for this transaction's lock on the mark, then inserts a new
+one: the change is summed by the next sweep, never lost between a sum and its unmarking.
 """
 
 from __future__ import annotations
