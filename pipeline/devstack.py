@@ -27,6 +27,10 @@ from pathlib import Path
 START_TIMEOUT_S = 30.0
 
 
+#: Starts of a server whose freshly picked port was taken before it could bind it.
+BIND_ATTEMPTS = 3
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -145,6 +149,19 @@ class NatsServer(_Process):
         return f"mqtt://127.0.0.1:{self.mqtt_port}"
 
     def start(self) -> NatsServer:
+        # A port free when picked can be taken before the server binds it (an outgoing
+        # connection's ephemeral port): then pick new ones and try again.
+        for attempt in range(BIND_ATTEMPTS):
+            try:
+                return self._start()
+            except RuntimeError:
+                if attempt + 1 == BIND_ATTEMPTS or "address already in use" not in self.tail():
+                    raise
+                self.port, self.monitor_port = free_port(), free_port()
+                self.mqtt_port = free_port() if self.mqtt_port else None
+        raise AssertionError("unreachable")
+
+    def _start(self) -> NatsServer:
         store = self.workdir / "jetstream"
         sync = "\n  sync_interval: always" if self.sync_always else ""
         mqtt = f"mqtt {{\n  listen: 127.0.0.1:{self.mqtt_port}\n}}\n" if self.mqtt_port else ""
