@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     bess_max_gap_seconds: float = Field(
         default=300, gt=0, description="BESS samples further apart are not integrated (§13)"
     )
+    failover_seconds: float = Field(
+        default=10,
+        ge=1,
+        description="§14: a standby takes over a dead replica's singleton within this",
+    )
     raw_retention_days: float | None = Field(
         default=None,
         gt=0,
