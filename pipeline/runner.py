@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import nats.errors
@@ -41,6 +42,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import BaseModel
 
 from pipeline.broker import declare_streams
+from pipeline.claims import Fenced, Gate
 from pipeline.codec import TOPIC_HEADER, decode, encode
 from pipeline.metrics import Metrics
 from pipeline.retry import POISON_AFTER_FAILURES, Abandoned, Backoff, is_transient
@@ -118,7 +120,17 @@ def count_reject(metrics: Metrics, reason: RejectReason) -> None:
 
 
 class JetStreamOut:
-    """Publishes a batch of outputs and returns once JetStream has stored every one."""
+    """Publishes a batch of outputs and returns once JetStream has stored every one, keeping
+    the order of the messages of each subject even when some publishes fail.
+
+    A subject is one unit's or one device's (`valid.{org}.{einheit}`, `messwerte.{org}.{einheit}`),
+    and their order is the order dedupe and consumers rely on. Were a batch published all at
+    once and its first message lost while a leader is elected, the retry would store it after
+    the next message of the same subject. So a batch goes out in waves: the first message of
+    every subject, then the second, and so on; a wave is published concurrently (one round
+    trip for a fleet, whose batches rarely hold a unit twice), and the next goes out only
+    once the last is stored. A failed publish is retried with the same `Nats-Msg-Id`, so one
+    that was stored after all is not stored twice."""
 
     def __init__(
         self,
@@ -126,46 +138,68 @@ class JetStreamOut:
         stop: asyncio.Event,
         timeout_s: float = 10.0,
         streams: StreamPolicy | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self._js = js
         self._stop = stop
         self._timeout_s = timeout_s
         self.streams = streams
-
-    async def send(self, outbound: Sequence[Outbound]) -> list[asyncio.Future[Any]]:
-        """Hand every message to the connection, in order; the futures resolve once JetStream
-        stored each one. `publish()` again what fails: it retries until all are stored."""
-        return [
-            await self._js.publish_async(subject, body, headers=headers or None)
-            for subject, body, headers in outbound
-        ]
-
-    async def stored(self, outbound: Sequence[Outbound], sent: list[asyncio.Future[Any]]) -> None:
-        """Wait for the acks of what `send()` sent; on any failure, publish it all again."""
-        try:
-            await asyncio.wait_for(asyncio.gather(*sent), timeout=self._timeout_s)
-        except Exception as exc:
-            log.info("publish not confirmed, publishing again", error=repr(exc))
-            await self.publish(outbound)
+        #: A singleton's claims: a publish that has to be retried is not once they are lost.
+        self.gate = gate
 
     async def publish(self, outbound: Sequence[Outbound]) -> None:
-        if not outbound:
-            return
+        for wave in waves(outbound):
+            await self._store(wave)
+
+    async def _store(self, wave: list[Outbound]) -> None:
         backoff = Backoff(self._stop)
+        left = wave
         while True:
+            if self.gate is not None:
+                self.gate.check()
+            futures: list[asyncio.Future[Any]] = []
+            error: BaseException | None = None
             try:
-                futures = [
-                    await self._js.publish_async(subject, body, headers=headers or None)
-                    for subject, body, headers in outbound
-                ]
-                await asyncio.wait_for(asyncio.gather(*futures), timeout=self._timeout_s)
+                for subject, body, headers in left:
+                    futures.append(
+                        await self._js.publish_async(subject, body, headers=headers or None)
+                    )
+                if futures:
+                    await asyncio.wait(futures, timeout=self._timeout_s)
+            except Exception as exc:  # NATS away: what was not handed over goes again
+                error = exc
+            failed = []
+            for position, out in enumerate(left):
+                future = futures[position] if position < len(futures) else None
+                if future is not None and future.done() and not future.cancelled():
+                    if future.exception() is None:
+                        continue
+                    error = error or future.exception()
+                elif future is not None:
+                    future.cancel()  # no answer in time: published again below
+                    error = error or TimeoutError("no acknowledgement in time")
+                failed.append(out)
+            if not failed:
                 return
-            except Exception as exc:  # NATS away, stream full, timeout: all transient
-                log.warning("publish failed, retrying", error=repr(exc), messages=len(outbound))
-                if isinstance(exc, nats.errors.NoRespondersError):
-                    # No stream takes the subject: it was lost.
-                    await _redeclare(self._js, self.streams)
-                await backoff.wait()
+            left = failed
+            log.warning("publish failed, retrying", error=repr(error), messages=len(left))
+            if isinstance(error, nats.errors.NoRespondersError):
+                # No stream takes the subject: it was lost (or its leader is being elected).
+                await _redeclare(self._js, self.streams)
+            await backoff.wait()
+
+
+def waves(outbound: Sequence[Outbound]) -> list[list[Outbound]]:
+    """The n-th wave holds the n-th message of every subject, in the batch's order."""
+    result: list[list[Outbound]] = []
+    seen: dict[str, int] = {}
+    for out in outbound:
+        n = seen.get(out[0], 0)
+        seen[out[0]] = n + 1
+        if n == len(result):
+            result.append([])
+        result[n].append(out)
+    return result
 
 
 class ChainRunner:
@@ -181,8 +215,10 @@ class ChainRunner:
         batch_size: int = 500,
         redelivery: Redelivery | None = None,
         streams: StreamPolicy | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self._js = js
+        self._gate = gate
         self.steps = list(steps)
         self.first = self.steps[0].spec
         self.name = "+".join(s.spec.consumer for s in self.steps)
@@ -190,7 +226,7 @@ class ChainRunner:
         self._stop = stop
         self._batch_size = batch_size
         self._redelivery = redelivery or Redelivery()
-        self._out = JetStreamOut(js, stop, streams=streams)
+        self._out = JetStreamOut(js, stop, streams=streams, gate=gate)
         self.healthy = False
         self.last_error: str | None = None
         #: Since when fetches have come back empty (None while messages arrive).
@@ -202,6 +238,15 @@ class ChainRunner:
         for step in self.steps:
             metrics.retry_queue_depth.labels(step.spec.consumer)
             metrics.stage_in.labels(step.spec.consumer)
+
+    @property
+    def claims(self) -> set[str]:
+        """The claims this chain needs (its stages that run on one replica at a time)."""
+        return {step.spec.consumer for step in self.steps if step.spec.one}
+
+    @property
+    def role(self) -> str:
+        return "active" if self._gate is None else self._gate.role
 
     def consumer_config(self) -> ConsumerConfig:
         r = self._redelivery
@@ -242,9 +287,31 @@ class ChainRunner:
 
     async def run(self) -> None:
         while not self._stop.is_set():
+            if self._gate is not None:
+                self.healthy = True  # a standby is healthy
+                if not await self._gate.acquired(self._stop):
+                    return
+                log.info("stage active", stage=self.name)
+                self._gate.acting = True
+            try:
+                await self._run_bound()
+            finally:
+                if self._gate is not None:
+                    self._gate.acting = False
+
+    async def _run_bound(self) -> None:
+        """Consume until stopped, or until a claim this chain needs is lost."""
+        caught_up = False
+        while not self._stop.is_set() and self._active():
             sub = await self._bind()
             if sub is None:
                 return
+            if not caught_up and self._gate is not None:
+                try:
+                    await self._catch_up(sub)
+                except (Abandoned, Fenced):
+                    return
+                caught_up = True
             self.healthy = True
             self._stalled.clear()
             self._idle_since = None
@@ -257,12 +324,53 @@ class ChainRunner:
                 self.healthy = False
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
-            if self._stalled.is_set() and not self._stop.is_set():
+            if not self._active():
+                log.warning("claim lost, standing by", stage=self.name)
+            elif self._stalled.is_set() and not self._stop.is_set():
                 log.warning("consumer stalled or gone, binding it again", stage=self.name)
+
+    def _active(self) -> bool:
+        return self._gate is None or self._gate.valid()
+
+    async def _catch_up(self, sub: Any) -> None:
+        """Taking over a stage that must see a unit's readings in order: first process what the
+        previous holder had in flight, read from the stream by sequence.
+
+        JetStream would redeliver those only after `ack_wait`, behind the newer messages this
+        holder fetches meanwhile, and dedupe, seeing X, X again and only then the Y that was
+        sent between them, would drop the second X as a repeat. They count as redelivered (so
+        dedupe does not learn from them), and when JetStream redelivers them later, their
+        outputs carry the same `Nats-Msg-Id` as now and are dropped as duplicates."""
+        assert self._gate is not None
+        assert self.first.stream is not None
+        info = await sub.consumer_info()
+        floor, last = info.ack_floor.stream_seq or 0, info.delivered.stream_seq or 0
+        held = info.num_ack_pending or 0
+        if not held or last <= floor:
+            return
+        if not await self._gate.first_replay(self.first.consumer, floor):
+            return
+        pending: list[Any] = []
+        seq = floor + 1
+        while seq <= last and len(pending) < held:
+            try:  # the next message of this consumer's subjects (a work queue keeps no others)
+                raw = await self._js.get_msg(
+                    self.first.stream, seq=seq, subject=self.first.reads, next=True
+                )
+            except nats.js.errors.NotFoundError:
+                break
+            if raw.seq is None or raw.seq > last:
+                break
+            pending.append(_Replayed(raw.subject or "", raw.data or b"", raw.headers, raw.seq))
+            seq = raw.seq + 1
+        log.info("replaying what the previous holder had in flight", stage=self.name,
+                 messages=len(pending), after=floor, up_to=last)  # fmt: skip
+        for start in range(0, len(pending), self._batch_size):
+            await self.process(pending[start : start + self._batch_size])
 
     async def _consume(self, sub: Any) -> None:
         failures = Backoff(self._stop, first_s=0.2)
-        while not self._stop.is_set() and not self._stalled.is_set():
+        while not self._stop.is_set() and not self._stalled.is_set() and self._active():
             try:
                 msgs = await sub.fetch(batch=self._batch_size, timeout=1.0)
             except (TimeoutError, nats.errors.TimeoutError):
@@ -289,6 +397,12 @@ class ChainRunner:
                 await self.process(msgs)
             except Abandoned:
                 log.info("stopping with a batch in flight; it will be redelivered", stage=self.name)
+                return
+            except Fenced:
+                # Handed back unprocessed, so that the replica taking over gets it at once.
+                for msg in msgs:
+                    with contextlib.suppress(Exception):
+                        await msg.nak()
                 return
             self._metrics.stage_batch_latency.labels(self.name).observe(
                 time.perf_counter() - started
@@ -345,6 +459,8 @@ class ChainRunner:
         outbound = outbound if outbound is not None else []
         current = items
         for index, step in enumerate(self.steps):
+            if self._gate is not None:
+                self._gate.check()
             following = self.steps[index + 1].spec.consumes if index + 1 < len(self.steps) else None
             outputs = await self._call(step, current)
             observe(self._metrics, step, len(current), outputs)
@@ -404,6 +520,8 @@ class ChainRunner:
         depth = self._metrics.retry_queue_depth.labels(step.spec.consumer)
         try:
             while True:
+                if self._gate is not None:
+                    self._gate.check()  # not raised as a stage error: outside the try
                 try:
                     if failed is not None:
                         error, failed = failed, None
@@ -472,6 +590,24 @@ class ChainRunner:
             idle = self._idle_since
             if pending and idle is not None and time.monotonic() - idle > STALL_S:
                 self._stalled.set()
+
+
+class _Replayed:
+    """A message read from its stream by sequence, shaped like a delivered one (its second
+    delivery); acknowledging it is JetStream's later redelivery's job."""
+
+    def __init__(self, subject: str, data: bytes, headers: Any, seq: int) -> None:
+        self.subject, self.data, self.headers = subject, data, headers
+        self.metadata = SimpleNamespace(num_delivered=2, sequence=SimpleNamespace(stream=seq))
+
+    async def ack(self) -> None:
+        pass
+
+    async def nak(self) -> None:
+        pass
+
+    async def in_progress(self) -> None:
+        pass
 
 
 async def _redeclare(js: Any, streams: StreamPolicy | None) -> None:
