@@ -238,6 +238,18 @@ CREATE INDEX IF NOT EXISTS idx_bess_telemetry_verarbeitet_ts
     ON bess_telemetry (ts) WHERE verarbeitet = TRUE;
 """
 
+FENCE = """
+-- Who may write as a singleton (design §14): the outbox publisher that took over writes its
+-- holder here, and every batch of a publisher checks it under a shared row lock. Taking over
+-- waits for the batches of the one before it to end, and a batch of a holder that lost its
+-- claim sees another name and stops before it publishes.
+CREATE TABLE IF NOT EXISTS pipeline_fence (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    taken_at TIMESTAMPTZ NOT NULL DEFAULT NOW()
+);
+"""
+
 #: Ordered steps; append, never edit a step that has shipped.
 STEPS: tuple[tuple[int, str, str], ...] = (
     (1, "contract tables of design §4", CONTRACT_SCHEMA),
@@ -247,6 +259,7 @@ STEPS: tuple[tuple[int, str, str], ...] = (
     (5, "BESS devices, telemetry, intervals and their outbox", BESS),
     (6, "API tokens; an index for the newest samples of an organization", API),
     (7, "due-interval marks for meters; indexes for due BESS marks and for retention", FLEET),
+    (8, "fence of the singletons that write to the database", FENCE),
 )
 
 
