@@ -20,6 +20,7 @@ from aiohttp import web
 from pipeline.api import IngestApi
 from pipeline.bridge import MqttBridge, Sink
 from pipeline.broker import declare_streams, make_broker
+from pipeline.claims import Claims, Gate
 from pipeline.config import Settings, redact
 from pipeline.database import TimedPool, connect
 from pipeline.health import AggregationHealth, DatabaseHealth, Health, MqttHealth, Probe
@@ -31,7 +32,7 @@ from pipeline.publisher import OutboxPublisher
 from pipeline.retry import Abandoned, Backoff, first_of
 from pipeline.runner import ChainRunner, Redelivery, Step
 from pipeline.tokens import TokenCache
-from pipeline.topology import KINDS, STAGE_NAMES, Stage, rows
+from pipeline.topology import KINDS, STAGE_NAMES, STAGES, Stage, rows
 from stages.dedupe import Dedupe
 from stages.directory import DeviceCache, EinheitCache
 from stages.http_ingest import BESS_PATH, METER_PATH
@@ -97,6 +98,8 @@ class Pipeline:
         self.aggregation = AggregationHealth()
         self.aggregation_bess = AggregationHealth()
         self._impls: dict[tuple[str, str], Any] = {}
+        #: This worker's claims on singletons, once connected (None: it runs none).
+        self.claims: Claims | None = None
 
     async def _until_up(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
         """Start-up against services that may not be there yet: retry with backoff until stop."""
@@ -125,8 +128,20 @@ class Pipeline:
         pool: TimedPool | None = None
         tasks: list[asyncio.Task[Any]] = []
         http = api = None
+        claims: Claims | None = None
+        claims_stop = asyncio.Event()  # set after the rest stopped: claims are released last
+        claiming: asyncio.Task[None] | None = None
         try:
             await self._until_up("nats", lambda: declare_streams(js, s.streams))
+            if any(row.one for row in STAGES if row.name in self.stages):
+                claims = await self._until_up(
+                    "nats",
+                    lambda: Claims.open(
+                        js, failover_s=s.failover_seconds, replicas=s.stream_replicas
+                    ),
+                )
+                self.claims = claims
+                self.health.components["claims"] = claims
             if DB_STAGES & set(self.stages):
                 if self.auto_migrate:
                     await self._until_up("postgresql", lambda: migrate(s.database_url))
@@ -142,7 +157,9 @@ class Pipeline:
                 )
                 database = DatabaseHealth(pool)
                 self.health.components["database"] = database
-            tasks = self._start(js, pool)
+            tasks = self._start(js, pool, claims)
+            if claims is not None:  # once every component has said which claims it needs
+                claiming = asyncio.create_task(claims.run(claims_stop), name="claims")
             if pool is not None:
                 tasks.append(asyncio.create_task(database.watch(self.stop), name="db-health"))
             if s.http_port:
@@ -157,8 +174,9 @@ class Pipeline:
                 api = await self._serve_api(js, pool, tasks)
             mqtt = self.health.components.get("mqtt")
             if isinstance(mqtt, MqttHealth):
-                # "Ready" means a device's message will be taken: the subscription stands.
-                await first_of(mqtt.ever_subscribed, self.stop)
+                # "Ready" means a device's message will be taken: the subscription stands, or
+                # another replica holds the session.
+                await first_of(mqtt.settled, self.stop)
             log.info(
                 "pipeline running",
                 stages=self.stages,
@@ -180,6 +198,10 @@ class Pipeline:
         finally:
             for task in tasks:
                 task.cancel()
+            claims_stop.set()
+            if claiming is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(claiming, DRAIN_TIMEOUT_S)
             for runner in (api, http):
                 if runner is not None:
                     await runner.cleanup()
@@ -188,8 +210,14 @@ class Pipeline:
             await _close_nats(broker, nc)
             log.info("pipeline stopped")
 
-    def _start(self, js: Any, pool: TimedPool | None) -> list[asyncio.Task[Any]]:
+    def _start(
+        self, js: Any, pool: TimedPool | None, claims: Claims | None
+    ) -> list[asyncio.Task[Any]]:
         s = self.settings
+
+        def gate(names: set[str]) -> Gate | None:
+            return claims.gate(names) if claims is not None and names else None
+
         tasks: list[asyncio.Task[Any]] = []
         impls = self._impls = self._stage_functions(pool)
         if pool is not None and "window_aggregate" in self.stages:
@@ -201,8 +229,10 @@ class Pipeline:
             if s.raw_retention is not None:
                 tasks.append(asyncio.create_task(self._prune(pool), name="prune"))
         sinks: dict[str, Sink] = {}
+        fed: set[str] = set()  # the claims of the chains a fused bridge feeds
         for group in chains(self.stages, self.mode):
             steps = [Step(row, impls[(row.name, row.kind)]) for row in group]
+            held = {row.consumer for row in group if row.one}
             runner = ChainRunner(
                 js,
                 steps,
@@ -211,9 +241,11 @@ class Pipeline:
                 batch_size=s.batch_size,
                 redelivery=Redelivery(ack_wait_s=s.ack_wait_seconds, max_deliver=s.max_deliver),
                 streams=s.streams,
+                gate=gate(held),
             )
             self.health.components[f"stage:{runner.name}"] = Probe(
-                lambda r=runner: r.healthy, lambda r=runner: {"last_error": r.last_error}
+                lambda r=runner: r.healthy,
+                lambda r=runner: {"role": r.role, "last_error": r.last_error},
             )
             if (
                 self.mode == "fused"
@@ -223,18 +255,34 @@ class Pipeline:
                 # Fused with the bridge: MQTT feeds the chain in memory, no INGEST hop; the
                 # consumer still runs, to take what a split bridge left on `ingest.>`.
                 sinks[group[0].kind] = runner.run_items
+                fed |= held
             tasks.append(asyncio.create_task(runner.run(), name=runner.name))
         if "mqtt_bridge" in self.stages:
             mqtt_health = MqttHealth(silence_threshold_s=s.mqtt_silence_threshold_seconds)
             self.health.components["mqtt"] = mqtt_health
-            bridge = MqttBridge(s, js, self.metrics, mqtt_health, self.stop, sinks)
+            bridge = MqttBridge(
+                s, js, self.metrics, mqtt_health, self.stop, sinks, gate({"mqtt_bridge"} | fed)
+            )
             tasks.append(asyncio.create_task(bridge.run(), name="mqtt_bridge"))
         if pool is not None and "publish" in self.stages:
-            for name, outbox in (("publish", MESSWERTE), ("publish:bess", BESS_INTERVALS)):
+            for kind, outbox in (("zev", MESSWERTE), ("bess", BESS_INTERVALS)):
+                row = next(r for r in STAGES if r.name == "publish" and r.kind == kind)
                 publisher = OutboxPublisher(
-                    pool, s.database_url, js, self.metrics, self.stop, outbox, s.streams
+                    pool,
+                    s.database_url,
+                    js,
+                    self.metrics,
+                    self.stop,
+                    outbox,
+                    s.streams,
+                    gate=gate({row.consumer}),
+                    holder=claims.holder if claims is not None else "",
+                    failover_s=s.failover_seconds,
                 )
-                self.health.components[name] = Probe(lambda p=publisher: p.healthy)
+                name = "publish" if kind == "zev" else "publish:bess"
+                self.health.components[name] = Probe(
+                    lambda p=publisher: p.healthy, lambda p=publisher: {"role": p.role}
+                )
                 tasks.append(asyncio.create_task(publisher.run(), name=name))
         return tasks
 

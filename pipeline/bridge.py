@@ -30,6 +30,7 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from pipeline.claims import Fenced, Gate
 from pipeline.codec import encode
 from pipeline.config import Settings
 from pipeline.health import MqttHealth
@@ -87,12 +88,16 @@ class MqttBridge:
         health: MqttHealth,
         stop: asyncio.Event,
         sinks: Mapping[str, Sink] | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self._settings = settings
+        #: The MQTT session's claim (and, fused, those of the chains it feeds): a standby
+        #: connects only once it holds them, so the broker sees one session, not a tug of war.
+        self._gate = gate
         self._metrics = metrics
         self.health = health
         self._stop = stop
-        self._out = JetStreamOut(js, stop, streams=settings.streams)
+        self._out = JetStreamOut(js, stop, streams=settings.streams, gate=gate)
         self._batch_size = settings.batch_size
         self._linger_s = settings.batch_linger_seconds
         self._max_payload_bytes = settings.max_payload_bytes
@@ -132,11 +137,16 @@ class MqttBridge:
     async def run(self) -> None:
         backoff = Backoff(self._stop, first_s=0.2)
         while not self._stop.is_set():
+            if not await self._take_over():
+                break
             try:
                 await self._session()
                 backoff = Backoff(self._stop, first_s=0.2)
             except Abandoned:
                 break
+            except Fenced as exc:
+                log.warning("MQTT session given up", reason=str(exc))
+                continue
             except aiomqtt.MqttCodeError as exc:
                 if self._mqtt5 and exc.rc in _NO_MQTT5 and self._settings.mqtt_protocol == "auto":
                     log.info("broker does not speak MQTT 5, using 3.1.1")
@@ -152,6 +162,10 @@ class MqttBridge:
                 log.error("MQTT session failed, reconnecting", error=repr(exc))
             finally:
                 self.health.connected = self.health.subscribed = False
+                if self._gate is not None:
+                    self._gate.acting = False
+            if self._gate is not None and not self._gate.valid():
+                continue  # lost while connected: stand by, no backoff
             if self._stop.is_set():
                 break
             self.health.reconnects += 1
@@ -160,6 +174,22 @@ class MqttBridge:
             except Abandoned:
                 break
 
+    async def _take_over(self) -> bool:
+        """Wait, as a standby, until this replica holds the session; False if stopped first."""
+        if self._gate is None:
+            return True
+        await self._gate.tried(self._stop)
+        if not self._gate.valid():
+            self.health.standby = True
+            self.health.settled.set()
+            log.info("MQTT bridge standing by", client_id=self._settings.mqtt_client_id)
+            if not await self._gate.acquired(self._stop):
+                return False
+            log.info("MQTT bridge taking over", client_id=self._settings.mqtt_client_id)
+        self.health.standby = False
+        self._gate.acting = True
+        return True
+
     async def _session(self) -> None:
         client = self._client()
         async with client:
@@ -167,7 +197,7 @@ class MqttBridge:
             self.health.connected_since = time.monotonic()
             await client.subscribe([(topic, 1) for topic in SUBSCRIPTIONS])
             self.health.subscribed = True
-            self.health.ever_subscribed.set()
+            self.health.settled.set()
             self.health.last_error = None
             log.info(
                 "MQTT subscribed",
@@ -178,6 +208,9 @@ class MqttBridge:
             intake = Intake(client, self._settings.mqtt_receive_maximum)
             intake.install()
             stopper = asyncio.create_task(self._stop.wait())
+            if self._gate is not None:
+                lost = asyncio.create_task(self._gate.lost(self._stop))
+                lost.add_done_callback(lambda _: stopper.cancel())
             try:
                 while not self._stop.is_set():
                     intake.took()
@@ -201,6 +234,8 @@ class MqttBridge:
                     await self._forward(client, batch)
             finally:
                 stopper.cancel()
+                if self._gate is not None:
+                    lost.cancel()
 
     async def _fill(self, messages: Any, batch: list[aiomqtt.Message]) -> None:
         """Add what is queued already, up to the batch size."""
@@ -242,6 +277,8 @@ class MqttBridge:
         if outbound:
             stored.append(self._out.publish(outbound))
         await asyncio.gather(*stored)
+        if self._gate is not None:
+            self._gate.check()  # no PUBACK from a replica that lost the session's claim
         for message in batch:
             if message.qos > 0:
                 client._client.ack(message.mid, message.qos)

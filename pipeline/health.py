@@ -25,8 +25,11 @@ class MqttHealth:
     last_error: str | None = None
     last_message_at: float | None = None
     connected_since: float | None = None
-    #: Set once the first subscription stands; messages published earlier may be lost.
-    ever_subscribed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Another replica holds the MQTT session; this one waits to take over (design §14).
+    standby: bool = False
+    #: Set once the first subscription stands (messages published earlier may be lost), or
+    #: once the bridge found another replica holding the session.
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
 
     def message_received(self) -> None:
         self.last_message_at = time.monotonic()
@@ -38,7 +41,9 @@ class MqttHealth:
         healthy = self.connected and self.subscribed
         if healthy and self.silence_threshold_s is not None and silence is not None:
             healthy = silence <= self.silence_threshold_s
+        healthy = healthy or self.standby
         return healthy, {
+            "role": "standby" if self.standby else "active",
             "connected": self.connected,
             "subscribed": self.subscribed,
             "seconds_since_last_message": (

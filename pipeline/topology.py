@@ -89,7 +89,14 @@ class Stage:
     """One stage of one device kind: what it consumes (a subject of a stream, or another
     source) and where each kind of output it returns goes. Outputs of a kind with no route are
     effects (DB) only. Every consumer stage may reject: undecodable or poison input goes to
-    `dlq.{reason}`. `--stage NAME` runs a stage for every kind."""
+    `dlq.{reason}`. `--stage NAME` runs a stage for every kind.
+
+    `one`: at most one replica runs it at a time, holding the claim named `consumer` (design
+    §14); the others stand by. The MQTT session has one client id; validate and dedupe must see
+    a unit's readings in broker order, or dedupe could take the third of X, Y, X for a repeat
+    of the first; the publisher keeps an interval's revisions in order. The other stages are
+    shared by every replica: persist applies a reading only if it is newer in broker order, and
+    the aggregator takes each due interval under a row lock."""
 
     name: str
     reads: str
@@ -97,6 +104,7 @@ class Stage:
     consumes: type
     writes: Mapping[type, Route] = field(default_factory=dict)
     kind: str = "zev"
+    one: bool = False
 
     @property
     def consumer(self) -> str:
@@ -111,31 +119,32 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     #     name                reads                     stream       consumes        writes
     Stage("mqtt_bridge",      f"mqtt:{','.join(SUBSCRIPTIONS)}", None, IngestMessage,
-          {IngestMessage: lambda m: ingest_subject(m.topic)}),
+          {IngestMessage: lambda m: ingest_subject(m.topic)}, one=True),
     Stage("http_ingest",      f"http:{METER_PATH},{BESS_PATH}", None, IngestMessage,  # 202 after
           {IngestMessage: lambda m: ingest_subject(m.topic), Reject: _dlq}),  # stored
     # ZEV meters
     Stage("validate",         "ingest.>",               "INGEST",    IngestMessage,
-          {Reading: lambda m: f"valid.{m.organization_id}.{m.einheit_id}", Reject: _dlq}),
+          {Reading: lambda m: f"valid.{m.organization_id}.{m.einheit_id}", Reject: _dlq}, one=True),
     Stage("dedupe",           "valid.>",                "VALID",     Reading,
-          {Reading: lambda m: f"unique.{m.organization_id}.{m.einheit_id}", Reject: _dlq}),
+          {Reading: lambda m: f"unique.{m.organization_id}.{m.einheit_id}", Reject: _dlq},
+          one=True),
     Stage("persist",          "unique.>",               "UNIQUE",    Reading,
           {Persisted: lambda m: f"persisted.{m.organization_id}.{m.einheit_id}", Reject: _dlq}),
     Stage("window_aggregate", "persisted.>",            "PERSISTED", Persisted,   # -> DB outbox
           {Reject: _dlq}),
     Stage("publish",          "db:messwerte_outbox",    None,        MesswertMessage,
-          {MesswertMessage: lambda m: m.subject}),
+          {MesswertMessage: lambda m: m.subject}, one=True),
     # BESS telemetry
     Stage("validate",         "bess.ingest.>",          "INGEST",    IngestMessage,
-          {BessSample: _bess("valid"), Reject: _dlq}, kind="bess"),
+          {BessSample: _bess("valid"), Reject: _dlq}, kind="bess", one=True),
     Stage("dedupe",           "bess.valid.>",           "VALID",     BessSample,
-          {BessSample: _bess("unique"), Reject: _dlq}, kind="bess"),
+          {BessSample: _bess("unique"), Reject: _dlq}, kind="bess", one=True),
     Stage("persist",          "bess.unique.>",          "UNIQUE",    BessSample,
           {BessPersisted: _bess("persisted"), Reject: _dlq}, kind="bess"),
     Stage("window_aggregate", "bess.persisted.>",       "PERSISTED", BessPersisted,  # -> outbox
           {Reject: _dlq}, kind="bess"),
     Stage("publish",          "db:bess_interval_outbox", None,       BessIntervalMessage,
-          {BessIntervalMessage: lambda m: m.subject}, kind="bess"),
+          {BessIntervalMessage: lambda m: m.subject}, kind="bess", one=True),
 )
 # fmt: on
 
