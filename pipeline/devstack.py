@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import getpass
+import json
 import os
 import shutil
 import signal
@@ -128,16 +129,26 @@ def nats_server_binary() -> str:
 
 
 class NatsServer(_Process):
-    """nats-server with JetStream in `workdir`; with `mqtt=True` also an MQTT listener."""
+    """nats-server with JetStream in `workdir`; with `mqtt=True` also an MQTT listener; with
+    `cluster` (a `cluster {…}` block) one node of a cluster, named `server_name`."""
 
     name = "nats"
 
-    def __init__(self, workdir: Path, *, mqtt: bool = False, sync_always: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        mqtt: bool = False,
+        sync_always: bool = False,
+        server_name: str | None = None,
+    ) -> None:
         super().__init__(workdir)
         self.port = free_port()
         self.monitor_port = free_port()
         self.mqtt_port = free_port() if mqtt else None
         self.sync_always = sync_always
+        self.server_name = server_name
+        self.cluster = ""
 
     @property
     def url(self) -> str:
@@ -153,7 +164,9 @@ class NatsServer(_Process):
         # connection's ephemeral port): then pick new ones and try again.
         for attempt in range(BIND_ATTEMPTS):
             try:
-                return self._start()
+                self.spawn()
+                self._wait_ready()
+                return self
             except RuntimeError:
                 if attempt + 1 == BIND_ATTEMPTS or "address already in use" not in self.tail():
                     raise
@@ -161,20 +174,19 @@ class NatsServer(_Process):
                 self.mqtt_port = free_port() if self.mqtt_port else None
         raise AssertionError("unreachable")
 
-    def _start(self) -> NatsServer:
+    def spawn(self) -> None:
+        """Write the configuration and start the process, without waiting for it."""
         store = self.workdir / "jetstream"
         sync = "\n  sync_interval: always" if self.sync_always else ""
         mqtt = f"mqtt {{\n  listen: 127.0.0.1:{self.mqtt_port}\n}}\n" if self.mqtt_port else ""
         config = self.workdir / "nats.conf"
         config.write_text(
-            f"server_name: messwerte_dev_{self.port}\n"
+            f"server_name: {self.server_name or f'messwerte_dev_{self.port}'}\n"
             f"listen: 127.0.0.1:{self.port}\n"
             f"http: 127.0.0.1:{self.monitor_port}\n"
-            f'jetstream {{\n  store_dir: "{store}"{sync}\n}}\n{mqtt}'
+            f'jetstream {{\n  store_dir: "{store}"{sync}\n}}\n{mqtt}{self.cluster}'
         )
         self._spawn([nats_server_binary(), "-c", str(config)])
-        self._wait_ready()
-        return self
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -194,6 +206,78 @@ class NatsServer(_Process):
         self.stop()
         self._spawn([nats_server_binary(), "-c", str(self.workdir / "nats.conf")])
         self._wait_ready()
+
+    def pause(self) -> None:
+        """SIGSTOP: the node stops answering, as in a partition or a long GC pause."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def monitor(self, path: str) -> dict[str, object]:
+        """A monitoring endpoint's JSON (`/jsz`, `/routez`, …)."""
+        url = f"http://127.0.0.1:{self.monitor_port}{path}"
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return json.loads(resp.read())  # type: ignore[no-any-return]
+
+
+class NatsCluster:
+    """A JetStream cluster of `size` nodes on loopback (routes between all of them, one store
+    directory each), for the cluster tests and `pipeline demo --cluster`."""
+
+    def __init__(self, workdir: Path, size: int = 3, *, sync_always: bool = True) -> None:
+        self.nodes = [
+            NatsServer(workdir / f"n{i}", sync_always=sync_always, server_name=f"n{i}")
+            for i in range(1, size + 1)
+        ]
+        routes = [free_port() for _ in self.nodes]
+        for node, port in zip(self.nodes, routes, strict=True):
+            others = ", ".join(f"nats-route://127.0.0.1:{p}" for p in routes if p != port)
+            node.cluster = (
+                f"cluster {{\n  name: messwerte\n  listen: 127.0.0.1:{port}\n"
+                f"  routes: [{others}]\n}}\n"
+            )
+
+    @property
+    def url(self) -> str:
+        """Every node, as PIPELINE_NATS_URL lists them."""
+        return ",".join(node.url for node in self.nodes)
+
+    def node(self, server_name: str) -> NatsServer:
+        return next(n for n in self.nodes if n.server_name == server_name)
+
+    def start(self) -> NatsCluster:
+        for node in self.nodes:
+            node.spawn()
+        for node in self.nodes:
+            node._wait_ready()
+        self.wait_for_meta_leader()
+        return self
+
+    def wait_for_meta_leader(self, timeout_s: float = START_TIMEOUT_S) -> str:
+        """The server name of the JetStream meta leader, once every running node knows it."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            leaders = set()
+            for node in self.nodes:
+                if not node.running:
+                    continue
+                with contextlib.suppress(OSError, ValueError):
+                    meta = node.monitor("/jsz").get("meta_cluster") or {}
+                    leaders.add(meta.get("leader") if isinstance(meta, dict) else None)
+            if len(leaders) == 1 and None not in leaders and "" not in leaders:
+                return str(leaders.pop())
+            time.sleep(0.1)
+        raise TimeoutError("no JetStream meta leader in the cluster")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    node.resume()  # a paused node would not see SIGTERM
+            node.stop()
 
 
 class Postgres(_Process):

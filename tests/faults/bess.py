@@ -125,8 +125,19 @@ class Gateways:
     """HTTP clients, one per stream of items, each posting batches in order and posting a batch
     again until it is answered 202 (a 503, a refused connection, a timeout)."""
 
-    def __init__(self, port: int, token: str, batch: int = 20, *, hold_last: bool = False) -> None:
-        self._url = f"http://127.0.0.1:{port}"
+    def __init__(
+        self,
+        port: int | Sequence[int],
+        token: str,
+        batch: int = 20,
+        *,
+        hold_last: bool = False,
+    ) -> None:
+        """With several ports (replicas behind a load balancer), a request that is refused or
+        not answered goes to the next one."""
+        ports = [port] if isinstance(port, int) else list(port)
+        self._urls = [f"http://127.0.0.1:{p}" for p in ports]
+        self._next = 0
         self._headers = {"Authorization": f"Bearer {token}"}
         self._batch = batch
         self.sent = 0
@@ -157,7 +168,7 @@ class Gateways:
             while True:
                 try:
                     async with session.post(
-                        self._url + path, json=chunk, headers=self._headers
+                        self._urls[self._next] + path, json=chunk, headers=self._headers
                     ) as resp:
                         self.answered[resp.status] += 1
                         if resp.status == 202:
@@ -166,6 +177,7 @@ class Gateways:
                 except (aiohttp.ClientError, TimeoutError):
                     self.answered[0] += 1
                     self._refused.set()
+                    self._next = (self._next + 1) % len(self._urls)
                 self.retries += 1
                 await asyncio.sleep(0.5)
             self.sent += len(chunk)

@@ -79,12 +79,19 @@ class DataSet:
 
 
 def data_set(
-    seed: int, *, per_unit: int = 50, base: datetime | None = None, bess: bool = False
+    seed: int,
+    *,
+    per_unit: int = 50,
+    base: datetime | None = None,
+    bess: bool = False,
+    xyx: bool = False,
 ) -> DataSet:
     """Readings every 2 minutes per unit in closed intervals (so every interval is summed while
     the data still arrives), some on a quarter hour, with corrections and exact repeats sent
     some messages later, as meters re-send. With `bess`, BESS samples of two devices are mixed
-    in over MQTT, and a third device's samples and some meter readings wait for gateways."""
+    in over MQTT, and a third device's samples and some meter readings wait for gateways. With
+    `xyx`, some readings are sent as X, then Y, then X again, each some messages after the one
+    before (design §14: it must end as X, whichever replicas take the three)."""
     rng = random.Random(seed)
     base = base or (datetime.now(UTC) - timedelta(hours=4)).replace(
         minute=0, second=0, microsecond=0
@@ -108,6 +115,11 @@ def data_set(
                 heapq.heappush(later, (len(messages) + rng.randint(20, 200), len(later), fixed))
             elif roll < 0.15:  # an exact repeat
                 heapq.heappush(later, (len(messages) + rng.randint(1, 100), len(later), reading))
+            elif xyx and roll < 0.25:  # X now, Y later, X again later still
+                other = (unit, at, _kwh(rng, 99999), reading[3])
+                y_after = len(messages) + rng.randint(5, 80)
+                heapq.heappush(later, (y_after, len(later), other))
+                heapq.heappush(later, (y_after + rng.randint(5, 80), len(later), reading))
             send(reading)
             while later and later[0][0] <= len(messages):
                 send(heapq.heappop(later)[2])
@@ -202,6 +214,19 @@ class Worker:
         except OSError:
             return 0
 
+    def roles(self) -> dict[str, str]:
+        """What it holds, from its /health: claim -> active or standby (empty if unreachable)."""
+        url = f"http://127.0.0.1:{self.http_port}/health"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                body = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            body = json.loads(exc.read() or b"{}")
+        except (OSError, ValueError):
+            return {}
+        claims = body.get("components", {}).get("claims", {}).get("claims", {})
+        return {name: claim["role"] for name, claim in claims.items()}
+
     def metric(self, name: str) -> float:
         """One unlabelled sample from the worker's /metrics (0 when absent or unreachable)."""
         url = f"http://127.0.0.1:{self.http_port}/metrics"
@@ -214,6 +239,10 @@ class Worker:
             if line.startswith(name + " "):
                 return float(line.split()[1])
         return 0.0
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -247,15 +276,33 @@ class Workers:
 
     SPLIT = ("mqtt_bridge", "validate", "dedupe", "persist", "window_aggregate", "publish")
 
-    def __init__(self, mode: str, env: dict[str, str], logdir: Path) -> None:
+    def __init__(self, mode: str, env: dict[str, str], logdir: Path, replicas: int = 1) -> None:
+        """`replicas` processes of each (named `fused-1`, `fused-2`, …, or `fused` alone)."""
         self.mode = mode
-        if mode == "fused":
-            self.by_name = {"fused": Worker("fused", ["--mode", "fused"], env, logdir)}
-        else:
-            self.by_name = {
-                stage: Worker(stage, ["--mode", "split", "--stage", stage], env, logdir)
-                for stage in self.SPLIT
-            }
+        roles = {"fused": ["--mode", "fused"]} if mode == "fused" else {
+            stage: ["--mode", "split", "--stage", stage] for stage in self.SPLIT
+        }  # fmt: skip
+        self.by_name = {}
+        for role, args in roles.items():
+            for n in range(1, replicas + 1):
+                name = role if replicas == 1 else f"{role}-{n}"
+                own = dict(env)
+                if replicas > 1 and env.get("PIPELINE_API_PORT", "0") != "0":
+                    own["PIPELINE_API_PORT"] = str(free_port())  # replicas on one machine
+                self.by_name[name] = Worker(name, args, own, logdir)
+
+    @property
+    def api_ports(self) -> list[int]:
+        """The ingest API's port of each worker that serves it."""
+        ports = {int(w.env.get("PIPELINE_API_PORT", "0")) for w in self.by_name.values()}
+        return sorted(ports - {0})
+
+    def holder(self, claim: str) -> Worker:
+        """The running worker whose /health says it is active for `claim`."""
+        for worker in self.by_name.values():
+            if worker.running and worker.roles().get(claim) == "active":
+                return worker
+        raise LookupError(claim)
 
     def __getitem__(self, name: str) -> Worker:
         return self.by_name[name]
@@ -356,7 +403,7 @@ async def while_publishing(
 async def stream_refusing(nats_url: str, stream: str) -> AsyncIterator[None]:
     """`stream` refuses every message (max_msg_size 1) until the block is left; a worker that
     writes to it keeps its batch in flight, unacknowledged, retrying."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url.split(","))
     try:
         js = nc.jetstream()
         config = (await js.stream_info(stream)).config
@@ -384,7 +431,7 @@ async def table_locked(dsn: str, table: str) -> AsyncIterator[asyncpg.Connection
 
 async def unacknowledged(nats_url: str, stream: str, durable: str) -> int:
     """Messages the consumer `durable` has handed out and not yet had acknowledged."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url.split(","))
     try:
         info = await nc.jetstream().consumer_info(stream, durable)
         return int(info.num_ack_pending or 0)
@@ -426,6 +473,78 @@ async def until(probe: Callable[[], Awaitable[Any]], what: str, timeout_s: float
         await asyncio.sleep(0.05)
 
 
+class Progress:
+    """How long a fault stops the pipeline: `mark()` just before the fault notes what MESSWERTE
+    holds; `resumed()` sends a reading of its own (a nudge: a key nobody else sends, in a
+    closed interval) and waits until it is stored and an interval was published after the
+    mark. Both need the pipeline working end to end after the fault, whether or not the fleet
+    is still publishing."""
+
+    def __init__(
+        self, dsn: str, nats_url: str, nudge: Callable[[], Awaitable[tuple[int, datetime]]]
+    ) -> None:
+        self._dsn = dsn
+        self._nats_url = nats_url
+        self._nudge = nudge
+        self._published = 0
+        self._at = 0.0
+
+    async def _last_published(self) -> int | None:
+        try:
+            nc = await nats.connect(
+                self._nats_url.split(","), connect_timeout=2, allow_reconnect=False
+            )
+            try:
+                info = await nc.jetstream(timeout=2).stream_info("MESSWERTE")
+            finally:
+                await nc.close()
+            return int(info.state.last_seq)
+        except Exception:  # a node away: ask again
+            return None
+
+    async def _stored(self, key: tuple[int, datetime]) -> bool:
+        try:
+            db = await asyncpg.connect(self._dsn, timeout=2)
+        except Exception:
+            return False
+        try:
+            return bool(
+                await db.fetchval(
+                    "SELECT count(*) FROM zaehler_rohdaten WHERE einheit_id = $1 "
+                    "AND timestamp = $2",
+                    *key,
+                )
+            )
+        except Exception:
+            return False
+        finally:
+            await db.close()
+
+    async def mark(self) -> None:
+        published = None
+        while published is None:
+            published = await self._last_published()
+        self._published, self._at = published, time.monotonic()
+
+    async def resumed(self, timeout_s: float = 60.0) -> float:
+        """Seconds from `mark()` until a reading sent now is stored and something published."""
+        key = await self._nudge()
+        stored = published = False
+        while True:
+            stored = stored or await self._stored(key)
+            if not published:
+                last = await self._last_published()
+                published = last is not None and last > self._published
+            if stored and published:
+                return time.monotonic() - self._at
+            if time.monotonic() - self._at > timeout_s:
+                raise AssertionError(
+                    f"no progress within {timeout_s}s of the fault "
+                    f"(nudge stored: {stored}, published since: {published})"
+                )
+            await asyncio.sleep(0.1)
+
+
 # --- what came out, against the reference ----------------------------------------------------
 
 
@@ -442,6 +561,8 @@ class Figures:
     unprocessed: int = 0  # raw rows never marked verarbeitet
     outbox_left: int = 0  # aggregates held in the outbox, never published
     details: list[str] = field(default_factory=list, compare=False)
+    #: The longest time without progress after a fault (fault -> first new row or message).
+    stalled_s: float = field(default=0.0, compare=False)
 
     @property
     def correct(self) -> bool:
@@ -552,12 +673,14 @@ async def scenario(
     *,
     timeout_s: float = 90.0,
     gateways: faults_bess.Gateways | None = None,
+    stalls: list[float] | None = None,
+    rate_per_s: float = RATE_PER_S,
 ) -> Figures:
     """Start the workers, publish `data` (and post its HTTP part through `gateways`) while the
     faults strike, wait for the result to settle, stop the workers with SIGTERM, record the
     figures and check them."""
     await workers.start()
-    fleet = Fleet(broker_port, RATE_PER_S)
+    fleet = Fleet(broker_port, rate_per_s)
     posting = asyncio.create_task(gateways.post_all(data.http)) if gateways else None
     try:
         await while_publishing(fleet, data.messages, faults(workers))
@@ -566,6 +689,7 @@ async def scenario(
         figures, seconds = await converge(dsn, nats_url, data, timeout_s)
     finally:
         exits = await workers.stop()
+    figures.stalled_s = max(stalls or [0.0])
     REPORT.append((name, len(data.messages) + fleet.resent, figures, seconds))
     assert figures.correct, f"{figures}\n{workers.tails()}"
     for worker, (code, drained_s) in exits.items():

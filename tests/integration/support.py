@@ -77,7 +77,7 @@ def body(at: datetime, verbrauch: float | str, einspeisung: float | str = 0, **e
 async def stream_messages(nats_url: str, stream: str) -> list[Any]:
     """Every message currently stored in `stream`, in order (direct get by sequence); none
     while the stream does not exist (yet, or again: workers create it when they need it)."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url.split(","))
     try:
         js = nc.jetstream()
         try:

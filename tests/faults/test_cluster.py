@@ -1,0 +1,339 @@
+"""The fault suite on a 3-node JetStream cluster with R3 streams (design §14): node loss, a
+paused node, a rolling restart, and replicas of every stage killed while they hold what they
+hold. Each scenario compares the tables and the replayed output streams with the reference,
+times how long each fault stops the pipeline, and counts the MQTT session takeovers.
+
+Every trigger is a condition the test reads, never a moment it hopes for: the node to kill is
+the one the cluster names as a stream's leader, the worker to kill the one whose `/health`
+says it is active for a claim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+
+import nats
+import pytest
+
+from pipeline.devstack import Mosquitto, NatsCluster, NatsServer, Postgres
+from tests.conftest import Broker
+from tests.faults.conftest import Stack, seeded
+from tests.faults.harness import Fault, Worker, Workers, until
+
+#: The pipeline's own streams and the claims bucket; a node "leading no stream" leads none.
+STREAMS = (
+    "INGEST",
+    "VALID",
+    "UNIQUE",
+    "PERSISTED",
+    "DLQ",
+    "MESSWERTE",
+    "BESS_INTERVALS",
+    "KV_pipeline_claims",
+)
+#: Longest a fault may stop the pipeline (design §14: carries on within 30 s).
+CARRIES_ON_S = 30.0
+#: The cluster's readings go slower than the single server's, so that faults that take
+#: seconds (a paused node, a rolling restart) happen while the fleet still publishes.
+RATE_PER_S = 60.0
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    nodes = NatsCluster(tmp_path / "cluster").start()
+    yield nodes
+    nodes.stop()
+
+
+@pytest.fixture
+async def cstack(
+    postgres_server: Postgres,
+    cluster: NatsCluster,
+    mqtt_broker: Broker,
+    database: str,
+    tmp_path: Path,
+) -> Stack:
+    token = await seeded(database)
+    return Stack(
+        postgres_server,
+        cluster,
+        mqtt_broker,
+        database,
+        tmp_path,
+        token,
+        extra_env={"PIPELINE_STREAM_REPLICAS": "3", "PIPELINE_FAILOVER_SECONDS": "10"},
+    )
+
+
+# --- what the faults need to know --------------------------------------------------------------
+
+
+async def leaders(cluster: NatsCluster) -> dict[str, str]:
+    """Stream -> the server name of its leader, as the cluster says."""
+    nc = await nats.connect(cluster.url.split(","))
+    try:
+        js = nc.jetstream(timeout=5)
+        found = {}
+        for name in STREAMS:
+            with contextlib.suppress(Exception):
+                info = await js.stream_info(name)
+                if info.cluster is not None and info.cluster.leader:
+                    found[name] = info.cluster.leader
+        return found
+    finally:
+        await nc.close()
+
+
+async def leader_of(cluster: NatsCluster, stream: str) -> NatsServer:
+    found: dict[str, str] = {}
+
+    async def known() -> bool:
+        found.update(await leaders(cluster))
+        return stream in found
+
+    await until(known, f"a leader of {stream}")
+    return cluster.node(found[stream])
+
+
+async def lead_nothing(cluster: NatsCluster, node: NatsServer) -> None:
+    """Move every stream leader off `node` (a step-down naming another node as preferred)."""
+    others = [n.server_name for n in cluster.nodes if n is not node]
+    nc = await nats.connect(cluster.url.split(","))
+    try:
+
+        async def none_led() -> bool:
+            led = [
+                s for s, leader in (await leaders(cluster)).items() if leader == node.server_name
+            ]
+            for position, stream in enumerate(led):
+                request = {"placement": {"preferred": others[position % len(others)]}}
+                with contextlib.suppress(Exception):
+                    await nc.request(
+                        f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}",
+                        json.dumps(request).encode(),
+                        timeout=5,
+                    )
+            return not led
+
+        await until(none_led, f"{node.server_name} leads no stream", timeout_s=60)
+    finally:
+        await nc.close()
+
+
+async def current(cluster: NatsCluster, node: NatsServer) -> None:
+    """After a restart: the node is back and every stream has a leader again."""
+    await asyncio.to_thread(node._wait_ready)
+    await asyncio.to_thread(cluster.wait_for_meta_leader)
+    await until(
+        lambda: _all_led(cluster), "every stream led after the restart", timeout_s=CARRIES_ON_S
+    )
+
+
+async def _all_led(cluster: NatsCluster) -> bool:
+    return set(await leaders(cluster)) >= set(STREAMS) - {"BESS_INTERVALS"}
+
+
+async def active(workers: Workers, claim: str) -> Worker:
+    holder: list[Worker] = []
+
+    async def found() -> bool:
+        with contextlib.suppress(LookupError):
+            holder[:] = [await asyncio.to_thread(workers.holder, claim)]
+        return bool(holder)
+
+    await until(found, f"a worker active for {claim}")
+    return holder[0]
+
+
+def takeovers(broker: Broker, client_id: str) -> int | None:
+    """Times mosquitto closed a connection of the bridge's client id for a new one (None: the
+    broker does not say)."""
+    if not isinstance(broker.process, Mosquitto):
+        return None
+    text = broker.process.log_path.read_text(errors="replace")
+    return text.count(f"Client {client_id} already connected, closing old connection")
+
+
+# --- the faults ------------------------------------------------------------------------------
+
+
+def killing_node(
+    stack: Stack, pick: Callable[[], Awaitable[NatsServer]], *, pause_s: float = 0.0
+) -> Fault:
+    """A fault that SIGKILLs (or, with `pause_s`, SIGSTOPs for that long) the node `pick`
+    returns, times the pipeline until it carries on, and brings the node back."""
+
+    async def fault() -> None:
+        node = await pick()
+        progress = stack.progress()
+        await progress.mark()
+        struck = time.monotonic()
+        if pause_s:
+            node.pause()
+        else:
+            node.kill()
+        try:
+            stack.stalls.append(await progress.resumed(CARRIES_ON_S))
+        finally:
+            if pause_s:
+                await asyncio.sleep(max(0.0, pause_s - (time.monotonic() - struck)))
+                node.resume()
+            else:
+                await asyncio.to_thread(node.restart)  # the node rejoins with its store
+        await current(_cluster(stack), node)
+
+    return fault
+
+
+def _cluster(stack: Stack) -> NatsCluster:
+    assert isinstance(stack.nats, NatsCluster)
+    return stack.nats
+
+
+def killing_worker(stack: Stack, claim: str, *, restart: bool = True) -> Callable[[Workers], Fault]:
+    """A fault that SIGKILLs the worker active for `claim` (read from /health), times the
+    takeover and, as a supervisor would, starts it again (as a standby)."""
+
+    def make(workers: Workers) -> Fault:
+        async def fault() -> None:
+            worker = await active(workers, claim)
+            progress = stack.progress()
+            await progress.mark()
+            worker.kill()
+            stack.stalls.append(await progress.resumed(CARRIES_ON_S))
+            if restart:
+                await restarted(worker)
+
+        return fault
+
+    return make
+
+
+async def restarted(worker: Worker) -> None:
+    """Start a killed worker again, as its supervisor would, and wait until it is up."""
+    worker.start()
+    await until(lambda: asyncio.to_thread(lambda: worker.health() == 200), f"{worker.name} up")
+
+
+async def run(
+    stack: Stack,
+    name: str,
+    mode: str,
+    faults: Callable[[Workers], Sequence[tuple[float, Fault]]],
+    *,
+    bess: bool = True,
+    failovers: int,
+) -> None:
+    figures = await stack.run(
+        name,
+        mode,
+        faults,
+        bess=bess,
+        replicas=2,
+        xyx=True,
+        rate_per_s=RATE_PER_S,
+        timeout_s=120,
+    )
+    assert figures.revision_gaps == 0
+    assert figures.stalled_s <= CARRIES_ON_S, figures.stalled_s
+    count = takeovers(stack.broker, stack.env()["PIPELINE_MQTT_CLIENT_ID"])
+    if count is not None:  # at most one takeover per failover, never a tug of war
+        assert count <= failovers, f"{count} session takeovers for {failovers} failovers"
+
+
+# --- the scenarios ---------------------------------------------------------------------------
+
+
+async def test_sigkill_of_the_node_leading_messwerte(cstack: Stack) -> None:
+    cluster = _cluster(cstack)
+    fault = killing_node(cstack, lambda: leader_of(cluster, "MESSWERTE"))
+    await run(cstack, "cluster: SIGKILL the node leading MESSWERTE", "fused",
+              lambda _: [(0.3, fault)], failovers=1)  # fmt: skip
+
+
+async def test_sigkill_of_the_node_leading_ingest_in_split_mode(cstack: Stack) -> None:
+    cluster = _cluster(cstack)
+    fault = killing_node(cstack, lambda: leader_of(cluster, "INGEST"))
+    await run(cstack, "cluster, split ×2: SIGKILL the node leading INGEST", "split",
+              lambda _: [(0.3, fault)], bess=False, failovers=1)  # fmt: skip
+
+
+async def test_sigkill_of_a_node_leading_no_stream(cstack: Stack) -> None:
+    cluster = _cluster(cstack)
+
+    async def follower() -> NatsServer:
+        node = cluster.nodes[0]
+        await lead_nothing(cluster, node)
+        return node
+
+    fault = killing_node(cstack, follower)
+    await run(cstack, "cluster: SIGKILL a node leading no stream", "fused",
+              lambda _: [(0.3, fault)], failovers=1)  # fmt: skip
+
+
+async def test_a_node_paused_for_20_seconds(cstack: Stack) -> None:
+    cluster = _cluster(cstack)
+    fault = killing_node(cstack, lambda: leader_of(cluster, "MESSWERTE"), pause_s=20.0)
+    await run(cstack, "cluster: SIGSTOP the node leading MESSWERTE for 20 s", "fused",
+              lambda _: [(0.2, fault)], failovers=1)  # fmt: skip
+
+
+async def test_a_rolling_restart_of_all_three_nodes(cstack: Stack) -> None:
+    cluster = _cluster(cstack)
+
+    def restarting(node: NatsServer) -> Fault:
+        async def fault() -> None:
+            progress = cstack.progress()
+            await progress.mark()
+            await asyncio.to_thread(node.restart)  # SIGTERM, then the same store again
+            await current(cluster, node)
+            cstack.stalls.append(await progress.resumed(CARRIES_ON_S))
+
+        return fault
+
+    await run(cstack, "cluster: rolling restart of the three nodes", "fused",
+              lambda _: [(0.15 + 0.25 * i, restarting(n)) for i, n in enumerate(cluster.nodes)],
+              failovers=3)  # fmt: skip
+
+
+async def test_sigkill_of_the_active_fused_worker(cstack: Stack) -> None:
+    kill = killing_worker(cstack, "mqtt_bridge")
+    await run(cstack, "cluster, fused ×2: SIGKILL the active worker", "fused",
+              lambda w: [(0.3, kill(w))], failovers=1)  # fmt: skip
+
+
+async def test_two_fused_workers_killed_in_turn(cstack: Stack) -> None:
+    kill = killing_worker(cstack, "mqtt_bridge")
+    await run(cstack, "cluster, fused ×2: both workers killed in turn", "fused",
+              lambda w: [(0.2, kill(w)), (0.6, kill(w))], failovers=2)  # fmt: skip
+
+
+async def test_split_replicas_killed_while_they_hold_or_share_the_work(cstack: Stack) -> None:
+    """The active holder of each singleton, and one replica of each shared stage."""
+
+    def sharing(workers: Workers, stage: str) -> Fault:
+        async def fault() -> None:
+            worker = workers[f"{stage}-1"]
+            progress = cstack.progress()
+            await progress.mark()
+            worker.kill()
+            cstack.stalls.append(await progress.resumed(CARRIES_ON_S))
+            await restarted(worker)
+
+        return fault
+
+    def faults(w: Workers) -> list[tuple[float, Fault]]:
+        singletons = ("mqtt_bridge", "validate", "dedupe", "publish")
+        return [
+            *[(0.1 + 0.12 * i, killing_worker(cstack, c)(w)) for i, c in enumerate(singletons)],
+            (0.6, sharing(w, "persist")),
+            (0.7, sharing(w, "window_aggregate")),
+        ]
+
+    await run(cstack, "cluster, split ×2: every singleton's holder and a shared replica killed",
+              "split", faults, bess=False, failovers=1)  # fmt: skip
