@@ -130,7 +130,7 @@ def nats_server_binary() -> str:
 
 class NatsServer(_Process):
     """nats-server with JetStream in `workdir`; with `mqtt=True` also an MQTT listener; with
-    `cluster` (a `cluster {…}` block) one node of a cluster, named `server_name`."""
+    `extra_config` (a `cluster {…}` block) one node of a cluster, named `server_name`."""
 
     name = "nats"
 
@@ -148,7 +148,8 @@ class NatsServer(_Process):
         self.mqtt_port = free_port() if mqtt else None
         self.sync_always = sync_always
         self.server_name = server_name
-        self.cluster = ""
+        #: Configuration appended as it is: a `cluster {…}` block, an `include`.
+        self.extra_config = ""
 
     @property
     def url(self) -> str:
@@ -184,7 +185,7 @@ class NatsServer(_Process):
             f"server_name: {self.server_name or f'messwerte_dev_{self.port}'}\n"
             f"listen: 127.0.0.1:{self.port}\n"
             f"http: 127.0.0.1:{self.monitor_port}\n"
-            f'jetstream {{\n  store_dir: "{store}"{sync}\n}}\n{mqtt}{self.cluster}'
+            f'jetstream {{\n  store_dir: "{store}"{sync}\n}}\n{mqtt}{self.extra_config}'
         )
         self._spawn([nats_server_binary(), "-c", str(config)])
 
@@ -235,7 +236,7 @@ class NatsCluster:
         routes = [free_port() for _ in self.nodes]
         for node, port in zip(self.nodes, routes, strict=True):
             others = ", ".join(f"nats-route://127.0.0.1:{p}" for p in routes if p != port)
-            node.cluster = (
+            node.extra_config = (
                 f"cluster {{\n  name: messwerte\n  listen: 127.0.0.1:{port}\n"
                 f"  routes: [{others}]\n}}\n"
             )

@@ -4,6 +4,7 @@ comments say (a 10-minute pipeline outage at 1,000 msg/s loses nothing)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import uuid
@@ -16,6 +17,11 @@ from pipeline.devstack import Mosquitto, mosquitto_binary, nats_server_binary
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 NATS_CONF = DEPLOY / "nats" / "nats.conf"
+NATS_PASSWORDS = {
+    "NATS_PIPELINE_PASSWORD": "p",
+    "NATS_ORG_A_PASSWORD": "a",
+    "NATS_ORG_B_PASSWORD": "b",
+}
 MOSQUITTO_CONF = DEPLOY / "mosquitto" / "mosquitto.conf"
 OUTAGE_MESSAGES = 10 * 60 * 1000
 #: A meter payload and what mosquitto keeps per queued message besides, generously.
@@ -34,7 +40,10 @@ def mosquitto_settings() -> dict[str, str]:
 
 def test_shipped_nats_config_is_valid_and_syncs_every_write() -> None:
     check = subprocess.run(
-        [nats_server_binary(), "-c", str(NATS_CONF), "-t"], capture_output=True, text=True
+        [nats_server_binary(), "-c", str(NATS_CONF), "-t"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **NATS_PASSWORDS},
     )
     assert check.returncode == 0, check.stderr + check.stdout
     assert re.search(r"^\s*sync_interval:\s*always\s*$", NATS_CONF.read_text(), re.M)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ def test_compose_runs_every_stage_as_its_own_split_worker() -> None:
     for stage in STAGE_NAMES:
         assert services[stage]["command"] == ["run", "--mode", "split", "--stage", stage]
     assert services["migrate"]["command"] == ["migrate"]
-    for infra in ("mosquitto", "nats", "postgres", "prometheus", "grafana"):
+    for infra in ("mosquitto", "nats-1", "postgres", "prometheus", "grafana"):
         assert infra in services
 
 
@@ -58,14 +59,20 @@ def test_compose_workers_wait_for_the_migration_and_set_only_real_settings() -> 
         assert depends["migrate"]["condition"] == "service_completed_successfully"
         env = services[stage]["environment"]
         assert set(env) <= SETTINGS, set(env) - SETTINGS
-        assert env["PIPELINE_NATS_URL"] == "nats://nats:4222"
+        hosts = [u.rsplit("@", 1)[1] for u in env["PIPELINE_NATS_URL"].split(",")]
+        assert hosts == ["nats-1:4222", "nats-2:4222", "nats-3:4222"]
         assert "@mosquitto:1883" in env["PIPELINE_MQTT_URL"]
         assert "@postgres:5432/" in env["PIPELINE_DATABASE_URL"]
 
 
 def test_compose_ships_no_secret_and_mounts_files_that_exist() -> None:
     text = (DEPLOY / "docker-compose.yml").read_text()
-    for secret in ("BRIDGE_PASSWORD", "POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
+    for secret in (
+        "BRIDGE_PASSWORD",
+        "POSTGRES_PASSWORD",
+        "GRAFANA_ADMIN_PASSWORD",
+        "NATS_PIPELINE_PASSWORD",
+    ):
         assert re.search(rf"\$\{{{secret}:\?", text), f"{secret} must be required, not defaulted"
     for service in compose()["services"].values():
         for volume in service.get("volumes", []):
@@ -176,21 +183,66 @@ def test_kubernetes_workers_probe_health_and_take_config_from_configmap_and_secr
         assert container["ports"][0]["containerPort"] == port
         for probe in ("readinessProbe", "livenessProbe"):
             assert container[probe]["httpGet"]["path"] == "/health"
-    for single in ("mqtt_bridge", "dedupe"):
-        assert deployments[single]["spec"]["replicas"] == 1
-        assert deployments[single]["spec"]["strategy"]["type"] == "Recreate"
+    budgets = {
+        d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
+        for d in docs
+        if d["kind"] == "PodDisruptionBudget"
+    }
+    for deployment in deployments.values():
+        # Design §14: every stage survives the loss of a replica and a node drain.
+        assert deployment["spec"]["replicas"] >= 2
+        assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+        assert deployment["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] in budgets
 
 
-def test_nats_cluster_config_is_valid_for_each_of_its_three_nodes() -> None:
-    conf = DEPLOY / "nats" / "cluster" / "nats-cluster.conf"
-    routes = re.findall(r"nats-route://(nats-\d)\.", conf.read_text())
+def test_kubernetes_nats_is_a_three_node_statefulset_named_as_the_routes() -> None:
+    docs = k8s_docs()
+    nats = next(d for d in docs if d["kind"] == "StatefulSet")
+    assert nats["spec"]["replicas"] == 3
+    assert nats["spec"]["ordinals"]["start"] == 1  # pods nats-1 … nats-3, as the routes say
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "nats")
+    assert service["spec"]["clusterIP"] == "None"
+    config = next(d for d in docs if d["kind"] == "ConfigMap")
+    secret = next(d for d in docs if d["kind"] == "Secret")
+    assert config["data"]["PIPELINE_STREAM_REPLICAS"] == "3"
+    urls = secret["stringData"]["PIPELINE_NATS_URL"].split(",")
+    assert [u.rsplit("@", 1)[1] for u in urls] == [f"nats-{n}.nats:4222" for n in (1, 2, 3)]
+
+
+def test_compose_runs_three_nats_nodes_and_two_replicas_of_every_stage() -> None:
+    services = compose()["services"]
+    for node in ("nats-1", "nats-2", "nats-3"):
+        assert services[node]["command"] == ["-c", "/etc/nats/nats-cluster.conf"]
+        assert services[node]["networks"]["default"]["aliases"] == [f"{node}.nats"]
+    for stage in STAGE_NAMES:
+        assert services[stage]["deploy"]["replicas"] >= 2
+        assert services[stage]["environment"]["PIPELINE_STREAM_REPLICAS"] == "3"
+
+
+#: What nats-server reads from its environment in the shipped configurations.
+NATS_PASSWORDS = {
+    "NATS_PIPELINE_PASSWORD": "p",
+    "NATS_ORG_A_PASSWORD": "a",
+    "NATS_ORG_B_PASSWORD": "b",
+}
+
+
+def test_nats_cluster_config_is_valid_for_each_of_its_three_nodes(tmp_path: Path) -> None:
+    # As deployed (a ConfigMap, or the compose mounts): the file next to tenants.conf.
+    conf = tmp_path / "nats-cluster.conf"
+    shutil.copy(DEPLOY / "nats" / "cluster" / "nats-cluster.conf", conf)
+    shutil.copy(DEPLOY / "nats" / "tenants.conf", tmp_path / "tenants.conf")
+    text = conf.read_text()
+    routes = re.findall(r"nats-route://(nats-\d)\.", text)
     assert sorted(routes) == ["nats-1", "nats-2", "nats-3"]
+    # Acknowledged writes survive crashes of nodes in one flush interval (Jepsen 2025).
+    assert re.search(r"^\s*sync_interval:\s*always\s*$", text, re.M)
     for node in routes:
         check = subprocess.run(
             [nats_server_binary(), "-c", str(conf), "-t"],
             capture_output=True,
             text=True,
-            env={**os.environ, "SERVER_NAME": node},
+            env={**os.environ, **NATS_PASSWORDS, "SERVER_NAME": node},
         )
         assert check.returncode == 0, check.stderr + check.stdout
 
