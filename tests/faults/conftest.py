@@ -167,7 +167,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     write("")
     write(
         "| fault | messages sent | readings lost | intervals wrong (db / stream) "
-        "| duplicates published | revision gaps | longest without progress | settled after |"
+        "| duplicates published | revision gaps / out of order | longest without progress "
+        "| settled after |"
     )
     write("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, sent, f, seconds in REPORT:
@@ -175,5 +176,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         write(
             f"| {name} | {sent} | {f.readings_lost + f.readings_extra} "
             f"| {f.intervals_wrong_db} / {f.intervals_wrong_stream} "
-            f"| {f.duplicates_published} | {f.revision_gaps} | {stalled} | {seconds:.1f} s |"
+            f"| {f.duplicates_published} | {f.revision_gaps} / {f.revisions_out_of_order} "
+            f"| {stalled} | {seconds:.1f} s |"
         )

@@ -558,6 +558,7 @@ class Figures:
     intervals_wrong_stream: int = 0  # latest published message per interval differs
     duplicates_published: int = 0  # one (unit, interval, revision) published more than once
     revision_gaps: int = 0  # intervals whose published revisions are not 1..n
+    revisions_out_of_order: int = 0  # intervals with a revision on the stream after a later one
     unprocessed: int = 0  # raw rows never marked verarbeitet
     outbox_left: int = 0  # aggregates held in the outbox, never published
     details: list[str] = field(default_factory=list, compare=False)
@@ -605,6 +606,7 @@ async def measure(db: asyncpg.Connection, nats_url: str, reference: Reference) -
     f.revision_gaps = sum(
         1 for r in revisions.values() if sorted(set(r)) != list(range(1, len(set(r)) + 1))
     )
+    f.revisions_out_of_order = sum(1 for r in revisions.values() if r != sorted(r))
     latest = {
         key: (Decimal(str(m["verbrauch"])), Decimal(str(m["einspeisung"])), m["anzahlRohwerte"])
         for key, m in latest_by_key(published).items()
