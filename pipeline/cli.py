@@ -25,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--duration", type=float, default=None, metavar="S", help="stop after S seconds"
     )
+    demo.add_argument(
+        "--cluster",
+        action="store_true",
+        help="three embedded NATS nodes with every stream on all three, and two workers",
+    )
     verbs.add_parser("migrate", help="create or upgrade the schema in PIPELINE_DATABASE_URL")
     run = verbs.add_parser("run", help="run stages against the configured services")
     run.add_argument(
@@ -161,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline.demo import run_demo
 
         _use_uvloop()
-        return run_demo(args.duration)
+        return run_demo(args.duration, cluster=args.cluster)
     settings = Settings()
     configure(settings.log_format, settings.log_level)
     if args.verb == "migrate":

@@ -6,6 +6,11 @@ organizations and three battery storage systems, creates an API token, runs ever
 in this process (the ingest API included), backfills two hours of meter readings and BESS
 telemetry over MQTT and of a gateway's readings over HTTP, then sends live. Everything it
 started is stopped on exit, also after Ctrl-C.
+
+With `--cluster` the NATS side is three nodes with every stream on all three (the first node's
+MQTT listener is the broker), and two fused workers run: one active, one standing by. The live
+view shows which holds what; stop the active one's node or worker in a real deployment and the
+other takes over within PIPELINE_FAILOVER_SECONDS.
 """
 
 from __future__ import annotations
@@ -28,13 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import nats
+import nats as nats_client
 
 from pipeline import tokens
 from pipeline.app import Pipeline
 from pipeline.bess_fleet import Battery, BessFleet, Gateway
 from pipeline.config import Settings
-from pipeline.devstack import NatsServer, Postgres, free_port
+from pipeline.devstack import NatsCluster, NatsServer, Postgres, free_port
 from pipeline.fleet import Fleet, Unit
 from pipeline.metrics import Metrics
 from pipeline.migrations import migrate
@@ -55,16 +60,38 @@ DEMO_GRACE_S = 5.0
 RATE_WINDOW_S = 10.0
 
 
-def _counter(metrics: Metrics, name: str, **labels: str) -> float:
-    value = metrics.registry.get_sample_value(name, labels or None)
+def _counter(metrics: Metrics | _Sum, name: str, **labels: str) -> float:
+    registry = metrics.registry if isinstance(metrics, Metrics) else metrics
+    value = registry.get_sample_value(name, labels or None)
     return value or 0.0
+
+
+class _Sum:
+    """The metrics of several workers, read as one (`get_sample_value` summed)."""
+
+    def __init__(self, workers: list[Pipeline]) -> None:
+        self.registries = [w.metrics.registry for w in workers]
+
+    def get_sample_value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        return sum(r.get_sample_value(name, labels) or 0.0 for r in self.registries)
+
+
+def roles(workers: list[Pipeline]) -> str:
+    """Each worker's role: active (with what it holds), or standby."""
+    parts = []
+    for number, worker in enumerate(workers, start=1):
+        claims = worker.claims
+        held = sorted(n for n, lease in claims.leases.items() if lease.valid()) if claims else []
+        parts.append(f"worker {number}: " + (f"active ({', '.join(held)})" if held else "standby"))
+    return " | ".join(parts)
 
 
 class LiveView:
     """Once a second: readings/s per stage, consumer lag, the latest published messwerte."""
 
-    def __init__(self, metrics: Metrics, tty: bool) -> None:
-        self._metrics = metrics
+    def __init__(self, workers: list[Pipeline], tty: bool) -> None:
+        self._workers = workers
+        self.metrics = _Sum(workers)
         self._tty = tty
         self.latest: deque[dict[str, Any]] = deque(maxlen=8)
         self.latest_bess: deque[dict[str, Any]] = deque(maxlen=6)
@@ -95,11 +122,11 @@ class LiveView:
             if stage in ("mqtt_bridge", "publish"):
                 name = "pipeline_stage_messages_out_total"
                 total = sum(
-                    _counter(self._metrics, name, stage=stage, outcome=o)
+                    _counter(self.metrics, name, stage=stage, outcome=o)
                     for o in ("ingestmessage", "messwertmessage")
                 )
             else:
-                total = _counter(self._metrics, name, stage=stage)
+                total = _counter(self.metrics, name, stage=stage)
             totals[stage] = total
         self._history.append((now, totals))
         while len(self._history) > 2 and now - self._history[1][0] >= RATE_WINDOW_S:
@@ -109,13 +136,14 @@ class LiveView:
         for stage in stages:
             rate = (totals[stage] - before[stage]) / span_s if since < now else 0.0
             rates.append(f"{stage} {rate:>5.0f}/s")
-        lag = _counter(self._metrics, "pipeline_consumer_pending_messages", stage="validate")
-        failed = _counter(self._metrics, "zev_mqtt_messages_failed_total")
+        lag = _counter(self.metrics, "pipeline_consumer_pending_messages", stage="validate")
+        failed = _counter(self.metrics, "zev_mqtt_messages_failed_total")
         if self._tty:
             lines = [
                 f"messwerte pipeline demo — {elapsed_s:5.0f}s — readings sent {fleet_published}, "
                 f"messwerte published {self.published}, rejected {failed:.0f}, lag {lag:.0f}",
                 "  " + " | ".join(rates),
+                *([f"  {roles(self._workers)}"] if len(self._workers) > 1 else []),
                 "",
                 "  latest messwerte: zeit, unit, verbrauch, einspeisung (kWh), readings, revision",
             ]
@@ -142,7 +170,9 @@ class LiveView:
         else:
             print(
                 f"[{elapsed_s:4.0f}s] sent {fleet_published}, published {self.published}, "
-                f"bess intervals {self.published_bess}, lag {lag:.0f}; " + ", ".join(rates),
+                f"bess intervals {self.published_bess}, lag {lag:.0f}; "
+                + ", ".join(rates)
+                + (f"; {roles(self._workers)}" if len(self._workers) > 1 else ""),
                 flush=True,
             )
 
@@ -175,14 +205,19 @@ def _api_port() -> int:
     return wanted
 
 
-async def _run(duration_s: float | None, workdir: Path) -> Summary:
+async def _run(duration_s: float | None, workdir: Path, cluster: bool = False) -> Summary:
     external_mqtt = os.environ.get("PIPELINE_MQTT_URL")
-    nats_server = NatsServer(workdir / "nats", mqtt=external_mqtt is None)
+    nats: NatsServer | NatsCluster = (
+        NatsCluster(workdir / "nats", mqtt=external_mqtt is None, sync_always=False)
+        if cluster
+        else NatsServer(workdir / "nats", mqtt=external_mqtt is None)
+    )
+    broker = nats.nodes[0] if isinstance(nats, NatsCluster) else nats
     postgres = Postgres(workdir / "postgres")
     try:
-        nats_server.start()
+        nats.start()
         postgres.start()
-        mqtt_url = external_mqtt or nats_server.mqtt_url
+        mqtt_url = external_mqtt or broker.mqtt_url
         await migrate(postgres.dsn)
         units = [
             Unit(org, index * 100 + n)
@@ -205,19 +240,24 @@ async def _run(duration_s: float | None, workdir: Path) -> Summary:
         api_port = _api_port()
         settings = Settings(
             mqtt_url=mqtt_url,
-            nats_url=nats_server.url,
+            nats_url=nats.url,
             database_url=postgres.dsn,
             window_grace_seconds=DEMO_GRACE_S,
             http_port=int(os.environ.get("PIPELINE_HTTP_PORT", "8000")),
             mqtt_client_id="messwerte-demo-bridge",
             api_port=api_port,
             http_host="127.0.0.1",
+            stream_replicas=3 if cluster else 1,
         )
-        pipeline = Pipeline(settings, mode="fused")
-        view = LiveView(pipeline.metrics, sys.stdout.isatty())
-        task = asyncio.create_task(pipeline.run())
-        await asyncio.wait_for(pipeline.ready.wait(), 60)
-        nc = await nats.connect(nats_server.url)
+        workers = [Pipeline(settings, mode="fused")]
+        if cluster:  # a second worker: its own HTTP port, the ingest API on the first only
+            second = settings.model_copy(update={"http_port": free_port(), "api_port": 0})
+            workers.append(Pipeline(second, mode="fused"))
+        view = LiveView(workers, sys.stdout.isatty())
+        tasks = [asyncio.create_task(w.run()) for w in workers]
+        for worker in workers:
+            await asyncio.wait_for(worker.ready.wait(), 60)
+        nc = await nats_client.connect(nats.url.split(","))
 
         async def on_messwert(msg: Any) -> None:
             view.on_message(msg.data)
@@ -260,11 +300,12 @@ async def _run(duration_s: float | None, workdir: Path) -> Summary:
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
         stop.set()
         await asyncio.gather(*feeders)
-        await _settle(pipeline, fleet.published + bess.published)
-        pipeline.stop.set()
-        await task
+        await _settle(view.metrics, fleet.published + bess.published)
+        for worker in workers:
+            worker.stop.set()
+        await asyncio.gather(*tasks)
         await nc.close()
-        m = pipeline.metrics
+        m = view.metrics
         return Summary(
             readings=int(_counter(m, "pipeline_stage_messages_in_total", stage="validate")),
             messwerte=int(_counter(m, "pipeline_messwerte_published_total")),
@@ -274,7 +315,7 @@ async def _run(duration_s: float | None, workdir: Path) -> Summary:
             bess_intervals=int(_counter(m, "pipeline_bess_intervals_published_total")),
         )
     finally:
-        nats_server.stop()
+        nats.stop()
         postgres.stop()
 
 
@@ -283,19 +324,19 @@ async def _feed(fleet: Fleet, now: datetime, stop: asyncio.Event) -> None:
     await fleet.live(timedelta(seconds=5), stop)
 
 
-async def _settle(pipeline: Pipeline, sent: int, timeout_s: float = 10.0) -> None:
+async def _settle(metrics: _Sum, sent: int, timeout_s: float = 10.0) -> None:
     """Give the bridge a moment to take what the fleet sent, so the summary adds up."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if _counter(pipeline.metrics, "zev_mqtt_messages_received_total") >= sent:
+        if _counter(metrics, "zev_mqtt_messages_received_total") >= sent:
             return
         await asyncio.sleep(0.1)
 
 
-def run_demo(duration_s: float | None) -> int:
+def run_demo(duration_s: float | None, *, cluster: bool = False) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="messwerte-demo-"))
     try:
-        summary = asyncio.run(_run(duration_s, workdir))
+        summary = asyncio.run(_run(duration_s, workdir, cluster))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(summary.line(), flush=True)

@@ -228,9 +228,17 @@ class NatsCluster:
     """A JetStream cluster of `size` nodes on loopback (routes between all of them, one store
     directory each), for the cluster tests and `pipeline demo --cluster`."""
 
-    def __init__(self, workdir: Path, size: int = 3, *, sync_always: bool = True) -> None:
+    def __init__(
+        self, workdir: Path, size: int = 3, *, sync_always: bool = True, mqtt: bool = False
+    ) -> None:
+        """With `mqtt`, the first node also listens for MQTT (the demo's broker)."""
         self.nodes = [
-            NatsServer(workdir / f"n{i}", sync_always=sync_always, server_name=f"n{i}")
+            NatsServer(
+                workdir / f"n{i}",
+                sync_always=sync_always,
+                server_name=f"n{i}",
+                mqtt=mqtt and i == 1,
+            )
             for i in range(1, size + 1)
         ]
         routes = [free_port() for _ in self.nodes]

@@ -138,6 +138,29 @@ def test_demo_ends_with_its_summary_and_leaves_no_process_behind(tmp_path: Path)
     assert _processes_mentioning("messwerte-demo-") == []
 
 
+def test_demo_on_a_cluster_shows_one_worker_active_and_the_other_standing_by() -> None:
+    done = subprocess.run(
+        [*PIPELINE, "demo", "--cluster", "--duration", "20"],
+        env=env(http_port="0", api_port=str(free_port())),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    views = [line for line in lines if line.startswith("[")]
+    assert views, lines
+    # Each view line names both workers' roles: one holds every singleton, one stands by.
+    assert re.search(r"worker \d: active \(dedupe, .*validate_bess\)", views[-1]), views[-1]
+    assert re.search(r"worker \d: standby", views[-1]), views[-1]
+    match = re.search(r"demo: (\d+) readings, (\d+) messwerte published", lines[-1])
+    assert match, lines[-1]
+    assert int(match.group(1)) >= 45 * 120
+    assert int(match.group(2)) >= 45 * 8
+    assert _processes_mentioning("messwerte-demo-") == []
+
+
 def prune_cli(database: str, *args: str, **settings: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*PIPELINE, "prune", *args],
