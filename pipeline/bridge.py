@@ -36,8 +36,8 @@ from pipeline.config import Settings
 from pipeline.health import MqttHealth
 from pipeline.metrics import Metrics
 from pipeline.mqtt_intake import Intake
+from pipeline.publishing import JetStreamOut
 from pipeline.retry import Abandoned, Backoff
-from pipeline.runner import JetStreamOut
 from schemas.messages import IngestMessage
 from stages.mqtt_bridge import SUBSCRIPTIONS, ingest_subject, route_of, to_ingest
 

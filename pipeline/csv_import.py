@@ -29,7 +29,7 @@ from tqdm import tqdm
 from pipeline.broker import declare_streams, make_broker
 from pipeline.codec import encode
 from pipeline.config import Settings
-from pipeline.runner import JetStreamOut
+from pipeline.publishing import JetStreamOut
 from schemas.messages import IngestMessage, Reject
 from stages.mqtt_bridge import ingest_subject
 from stages.validate import Validate

@@ -28,8 +28,8 @@ from pipeline.claims import Fenced, Gate
 from pipeline.codec import encode
 from pipeline.database import TimedPool
 from pipeline.metrics import Metrics
+from pipeline.publishing import JetStreamOut
 from pipeline.retry import Abandoned, Backoff, first_of
-from pipeline.runner import JetStreamOut
 from pipeline.topology import StreamPolicy
 from stages.publish import Outbox
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import nats.errors
 
-from pipeline.runner import JetStreamOut, waves
+from pipeline.publishing import JetStreamOut, waves
 
 
 def out(subject: str, n: int) -> tuple[str, bytes, dict[str, str]]:
