@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead (or after --bess): the ingest API against a publish-only ceiling",
     )
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="instead: one nats-server against a 3-node cluster with R3 streams, fused and "
+        "split, two workers of each on the cluster, and the failover time (bench.cluster)",
+    )
     p.add_argument("--soak-minutes", type=float, default=10.0)
     p.add_argument(
         "--fleet",
@@ -82,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             code = _soak(stack, args, workdir)
         elif args.fleet:
             code = _fleet(stack, args, workdir)
+        elif args.cluster:
+            from bench import cluster
+
+            code = cluster.run(stack, args, workdir)
         elif args.bess or args.http:
             code = _ingest(stack, args, workdir)
         else:

@@ -44,6 +44,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import systems
 from bench.harness import Stack, wait_for_rows
+from pipeline.devstack import NatsServer
 from pipeline.migrations import migrate
 from pipeline.prune import quarter_floor
 from stages.window_aggregate import AGGREGATE_SQL, DUE_SQL
@@ -458,7 +459,10 @@ def run_size(
                 "worker": round(worker.peak_rss_mib(), 1),
                 "postgres (largest process)": round(max((_hwm_mib(p) for p in pg), default=0.0), 1),
                 "nats-server": round(
-                    _hwm_mib(stack.nats.proc.pid) if stack.nats and stack.nats.proc else 0.0, 1
+                    _hwm_mib(stack.nats.proc.pid)
+                    if isinstance(stack.nats, NatsServer) and stack.nats.proc
+                    else 0.0,
+                    1,
                 ),
                 stack.broker_name: round(_hwm_mib(stack.broker.proc.pid), 1),
             }

@@ -24,7 +24,7 @@ from hdrh.histogram import HdrHistogram
 from bench import load as loadgen
 from bench import systems
 from bench.load import Load
-from pipeline.devstack import Mosquitto, NatsServer, Postgres, mosquitto_binary
+from pipeline.devstack import Mosquitto, NatsCluster, NatsServer, Postgres, mosquitto_binary
 from pipeline.migrations import migrate
 
 #: Rows appear as notifications at commit: the latency probe's clock.
@@ -78,16 +78,17 @@ class Stack:
             assert self.broker.mqtt_port is not None
             self.mqtt_port = self.broker.mqtt_port
         self.runs = 0
-        #: The NATS server of the run under way, if it has one.
-        self.nats: NatsServer | None = None
+        #: The NATS server (or cluster) of the run under way, if it has one.
+        self.nats: NatsServer | NatsCluster | None = None
 
     def close(self) -> None:
         self.broker.stop()
         self.postgres.stop()
 
     @contextlib.contextmanager
-    def environment(self, kind: str) -> Iterator[dict[str, str]]:
-        """Settings for one run: a new database and, for the pipeline, a new NATS server."""
+    def environment(self, kind: str, cluster: bool = False) -> Iterator[dict[str, str]]:
+        """Settings for one run: a new database and, for the pipeline, a new NATS server (or,
+        with `cluster`, three nodes with every stream on all three)."""
         self.runs += 1
         name = f"bench_{self.runs}_{kind}"
         asyncio.run(self._create_database(name))
@@ -98,11 +99,17 @@ class Stack:
             "PIPELINE_LOG_FORMAT": "json",
             "PIPELINE_LOG_LEVEL": "warning",
         }
-        nats = None
-        if kind in ("fused", "split"):
+        nats: NatsServer | NatsCluster | None = None
+        if kind in ("fused", "split") and cluster:
+            nats = NatsCluster(
+                self.workdir / f"nats-{self.runs}", sync_always=self.nats_sync_always
+            ).start()
+            env["PIPELINE_STREAM_REPLICAS"] = "3"
+        elif kind in ("fused", "split"):
             nats = NatsServer(
                 self.workdir / f"nats-{self.runs}", sync_always=self.nats_sync_always
             ).start()
+        if nats is not None:
             env["PIPELINE_NATS_URL"] = nats.url
         self.nats = nats
         try:
@@ -177,12 +184,20 @@ async def wait_for_rows(
 
 
 def throughput(
-    stack: Stack, kind: str, load: Load, logdir: Path, stall_s: float, profile: Path | None = None
+    stack: Stack,
+    kind: str,
+    load: Load,
+    logdir: Path,
+    stall_s: float,
+    profile: Path | None = None,
+    *,
+    cluster: bool = False,
+    replicas: int = 1,
 ) -> Result:
     """Closed loop: every publisher at full speed; time from the first publish to the last row
-    (for `raw`: to the last message counted)."""
+    (for `raw`: to the last message counted). `replicas` workers of each (design §14)."""
     result = Result(kind, "closed", load.total)
-    with stack.environment(kind) as env:
+    with stack.environment(kind, cluster) as env:
         database_url = env["PIPELINE_DATABASE_URL"]
         asyncio.run(prepare(database_url, load))
         system = systems.start(
@@ -192,6 +207,7 @@ def throughput(
             env=env,
             logdir=logdir,
             profile=profile,
+            replicas=replicas,
         )
         cpu_before = system.cpu_s()
         try:

@@ -7,6 +7,7 @@ per stage, as an operator scales them.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -59,6 +60,19 @@ class Proc:
         except OSError:
             return 0.0
         return int(fields[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def roles(self) -> dict[str, str]:
+        """Claim -> active or standby, from the worker's /health (empty if unreachable)."""
+        url = f"http://127.0.0.1:{self.http_port}/health"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                body = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            body = json.loads(exc.read() or b"{}")
+        except (OSError, ValueError):
+            return {}
+        claims = body.get("components", {}).get("claims", {}).get("claims", {})
+        return {name: claim["role"] for name, claim in claims.items()}
 
     def healthy(self) -> bool:
         url = f"http://127.0.0.1:{self.http_port}/health"
@@ -126,6 +140,7 @@ def start(
     env: dict[str, str],
     logdir: Path,
     profile: Path | None = None,
+    replicas: int = 1,
 ) -> System:
     system = System(kind)
     if kind in ("raw", "naive"):
@@ -143,8 +158,9 @@ def start(
             raise RuntimeError(f"{kind} subscriber did not start: {line!r}")
         return system
     groups = [[]] if kind == "fused" else [["--stage", s] for s in MQTT_STAGES]
-    for args in groups:
+    for args, replica in [(a, n) for a in groups for n in range(1, replicas + 1)]:
         name = "fused" if kind == "fused" else args[1]
+        name += f"-{replica}" if replicas > 1 else ""
         port = free_port()
         popen = subprocess.Popen(
             [sys.executable, "-m", "pipeline", "run", "--mode", kind, *args],
