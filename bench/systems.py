@@ -7,7 +7,6 @@ per stage, as an operator scales them.
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import signal
@@ -19,6 +18,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline import health
 from pipeline.devstack import free_port
 from pipeline.topology import STAGES
 
@@ -63,16 +63,8 @@ class Proc:
 
     def roles(self) -> dict[str, str]:
         """Claim -> active or standby, from the worker's /health (empty if unreachable)."""
-        url = f"http://127.0.0.1:{self.http_port}/health"
-        try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                body = json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            body = json.loads(exc.read() or b"{}")
-        except (OSError, ValueError):
-            return {}
-        claims = body.get("components", {}).get("claims", {}).get("claims", {})
-        return {name: claim["role"] for name, claim in claims.items()}
+        assert self.http_port is not None
+        return health.roles(self.http_port)
 
     def healthy(self) -> bool:
         url = f"http://127.0.0.1:{self.http_port}/health"

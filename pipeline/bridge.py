@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -31,7 +32,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from pipeline.claims import Fenced, Gate
-from pipeline.codec import encode
+from pipeline.codec import MSG_ID_HEADER, encode
 from pipeline.config import Settings
 from pipeline.health import MqttHealth
 from pipeline.metrics import Metrics
@@ -106,6 +107,10 @@ class MqttBridge:
         # Without INGEST there is no stream sequence: order by a counter that starts at the
         # clock (microseconds), so a restarted bridge continues above where the last one was.
         self._seq = itertools.count(time.time_ns() // 1000)
+        # Each message published to INGEST gets an id of its own, so that a publish retried
+        # after a stream leader change (its first attempt stored after all) is not stored twice.
+        self._instance = uuid.uuid4().hex[:12]
+        self._published = itertools.count()
 
     def _client(self) -> aiomqtt.Client:
         target = self._settings.mqtt
@@ -273,6 +278,7 @@ class MqttBridge:
                 continue
             for envelope in envelopes:
                 body, headers = encode(envelope)
+                headers[MSG_ID_HEADER] = f"mqtt:{self._instance}:{next(self._published)}"
                 outbound.append((ingest_subject(envelope.topic), body, headers))
         if outbound:
             stored.append(self._out.publish(outbound))

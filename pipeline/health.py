@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -147,3 +150,18 @@ class Health:
             return None
         ok, details = component.status()
         return ok, {"status": "UP" if ok else "DOWN", **details}
+
+
+def roles(http_port: int, host: str = "127.0.0.1") -> dict[str, str]:
+    """A worker's claims and its role in each (`active`, `standby`), read from its /health
+    (for tools and tests that pick a worker by what it holds); empty when unreachable."""
+    url = f"http://{host}:{http_port}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            body = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:  # 503 still carries the body
+        body = json.loads(exc.read() or b"{}")
+    except (OSError, ValueError):
+        return {}
+    claims = body.get("components", {}).get("claims", {}).get("claims", {})
+    return {name: claim["role"] for name, claim in claims.items()}

@@ -28,6 +28,7 @@ import aiomqtt
 import asyncpg
 import nats
 
+from pipeline import health
 from pipeline.devstack import free_port
 from pipeline.topology import STREAMS
 from tests.faults import bess as faults_bess
@@ -215,17 +216,9 @@ class Worker:
             return 0
 
     def roles(self) -> dict[str, str]:
-        """What it holds, from its /health: claim -> active or standby (empty if unreachable)."""
-        url = f"http://127.0.0.1:{self.http_port}/health"
-        try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                body = json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            body = json.loads(exc.read() or b"{}")
-        except (OSError, ValueError):
-            return {}
-        claims = body.get("components", {}).get("claims", {}).get("claims", {})
-        return {name: claim["role"] for name, claim in claims.items()}
+        """Claim -> active or standby, from the worker's /health (empty if unreachable)."""
+        assert self.http_port is not None
+        return health.roles(self.http_port)
 
     def metric(self, name: str) -> float:
         """One unlabelled sample from the worker's /metrics (0 when absent or unreachable)."""
