@@ -7,9 +7,12 @@ persist's upsert, which applies a reading only if it is newer than the row, deci
 
 * a reading older than the state (a redelivery that arrives after newer messages, after a
   crash) passes without touching the state;
-* a reading that came through a JetStream redelivery never sets the state, because after a
-  restart the LRU is empty and such a reading may be older than what the row holds: were it
-  to set the state, a later genuine repeat of its (stale) value would be dropped and lost;
+* a reading that came through a JetStream redelivery (or a replay of a previous holder's
+  messages after a failover) never sets the state, because after a restart the LRU is empty
+  and such a reading may be older than what the row holds: were it to set the state, a later
+  genuine repeat of its (stale) value would be dropped and lost. It *clears* the state of its
+  key instead: it may be newer than the state, and then the row no longer holds the state's
+  values (X, then Y redelivered, then X again must store the second X);
 * the very message that set the state (same order) passes again: its first pass may not
   have reached the next subject, and downstream effects are idempotent.
 
@@ -65,6 +68,9 @@ class _Lru:
             self._data.move_to_end(key)
         return state
 
+    def forget(self, key: Key) -> None:
+        self._data.pop(key, None)
+
     def __setitem__(self, key: Key, state: State) -> None:
         self._data[key] = state
         self._data.move_to_end(key)
@@ -83,6 +89,7 @@ class Dedupe:
 
     def __call__(self, reading: R) -> list[R]:
         if reading.redelivered:
+            self._last.forget(reading.key)
             return [reading]
         key = reading.key
         seen = self._last.get(key)

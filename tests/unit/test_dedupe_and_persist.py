@@ -85,6 +85,15 @@ def test_a_redelivered_reading_passes_without_setting_the_state() -> None:
     assert dedupe(reading(30, "1.0")) == [reading(30, "1.0")]
 
 
+def test_x_then_y_redelivered_then_x_again_passes_the_second_x() -> None:
+    """Y reaches dedupe as a redelivery (or a failover's replay) between two X: the row then
+    holds Y, so the second X is no repeat of what is stored and must pass (design §14)."""
+    dedupe = Dedupe()
+    assert dedupe(reading(10, "1.0")) == [reading(10, "1.0")]
+    assert dedupe(reading(20, "2.0", redelivered=True)) == [reading(20, "2.0", redelivered=True)]
+    assert dedupe(reading(30, "1.0")) == [reading(30, "1.0")]
+
+
 def test_collapse_keeps_the_reading_latest_in_broker_order() -> None:
     batch = [reading(5, "2.0"), reading(3, "1.0")]  # a redelivery of 3 fetched after 5
     assert [r.verbrauch for r in collapse(batch)] == [Decimal("2.0")]
