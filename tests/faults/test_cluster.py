@@ -151,12 +151,12 @@ async def active(workers: Workers, claim: str) -> Worker:
 
 
 def takeovers(broker: Broker, client_id: str) -> int | None:
-    """Times mosquitto closed a connection of the bridge's client id for a new one (None: the
-    broker does not say)."""
+    """Sessions of the bridge's client id after the first, from mosquitto's log: each is a
+    replica (or the same one again) taking the session over. None: the broker does not say."""
     if not isinstance(broker.process, Mosquitto):
         return None
     text = broker.process.log_path.read_text(errors="replace")
-    return text.count(f"Client {client_id} already connected, closing old connection")
+    return text.count(f" as {client_id} (") - 1
 
 
 # --- the faults ------------------------------------------------------------------------------
