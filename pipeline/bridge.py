@@ -1,16 +1,16 @@
 """MQTT side of `mqtt_bridge`: subscribe, hand each batch on, and PUBACK once it is stored.
 
 The bridge keeps a persistent session (stable client id, no clean start, a session that never
-expires) and subscribes with QoS 1. aiomqtt acknowledges a message as soon as it arrives; we
-switch paho's manual ack on under it so the PUBACK goes out only after the batch is stored:
-published to JetStream (`ingest.…`), or, in fused mode, carried through the stages in memory to
-PostgreSQL (and rejects to `dlq.…`). Until then the broker keeps the message and resends it
-after a crash. Unacknowledged messages fill the in-flight window the broker allows us, which is
+expires) and subscribes with QoS 1 through `pipeline.mqtt_session`, which leaves every PUBACK
+to us: it goes out only after the batch is stored, in the order received: published to
+JetStream (`ingest.…`), or, in fused mode, carried through the stages in memory to PostgreSQL
+(and rejects to `dlq.…`). Until then the broker keeps the message and resends it after a
+crash. Unacknowledged messages fill the in-flight window the broker allows us, which is
 how backpressure reaches the devices' broker.
 
 MQTT 5 is tried first: its Receive Maximum lets us take many messages unacknowledged
-(PIPELINE_MQTT_RECEIVE_MAXIMUM, 10,000; `pipeline.mqtt_intake` also stops reading at that
-many queued, because mosquitto 2.0 overruns it), while a
+(PIPELINE_MQTT_RECEIVE_MAXIMUM, 10,000; the session also stops reading at that many queued,
+because mosquitto 2.0 overruns it), while a
 3.1.1 client gets the broker's own limit (mosquitto: 20), which caps throughput at 20
 messages per storage round trip and, with stock settings, makes the broker drop what queues up
 behind it. Brokers without MQTT 5 (nats-server's MQTT listener) get 3.1.1.
@@ -26,54 +26,20 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import aiomqtt
 import structlog
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from pipeline.claims import Fenced, Gate
 from pipeline.codec import MSG_ID_HEADER, encode
 from pipeline.config import Settings
 from pipeline.health import MqttHealth
 from pipeline.metrics import Metrics
-from pipeline.mqtt_intake import Intake
+from pipeline.mqtt_session import Message, MqttError, Refused, Session
 from pipeline.publishing import JetStreamOut
 from pipeline.retry import Abandoned, Backoff
 from schemas.messages import IngestMessage
 from stages.mqtt_bridge import SUBSCRIPTIONS, ingest_subject, route_of, to_ingest
 
 log = structlog.get_logger("pipeline.bridge")
-
-SESSION_NEVER_EXPIRES = 0xFFFFFFFF
-#: CONNACK codes of a broker that does not speak MQTT 5 (3.1.1's and 5's "unsupported").
-_NO_MQTT5 = (1, 132)
-#: What a paho `Properties` holds besides the properties themselves.
-_PAHO_PRIVATE = frozenset({"packetType", "types", "names", "properties"})
-
-
-def _share_paho_property_tables() -> None:
-    """paho builds its two MQTT 5 property tables anew for every packet it reads (about a
-    third of the cost of receiving a PUBLISH over MQTT 5, measured with `make bench`). They are
-    constants that paho only reads, so every instance can share one copy. paho has no switch for
-    this; should its constructor change shape, the check below leaves it as it is."""
-    template = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    if set(vars(template)) != _PAHO_PRIVATE:
-        return
-    tables = {k: v for k, v in vars(template).items() if k != "packetType"}
-
-    def __init__(self: Properties, packetType: int) -> None:
-        self.__dict__.update(tables)
-        self.packetType = packetType
-
-    def clear(self: Properties) -> None:  # the same, without 27 hasattr calls per packet
-        for name in [n for n in self.__dict__ if n not in _PAHO_PRIVATE]:
-            del self.__dict__[name]
-
-    Properties.__init__ = __init__  # type: ignore[method-assign]
-    Properties.clear = clear  # type: ignore[method-assign]
-
-
-_share_paho_property_tables()
 
 #: Where a received batch of one device kind goes; returns once it is stored. A kind without
 #: a sink is published to its ingest subject.
@@ -112,33 +78,6 @@ class MqttBridge:
         self._instance = uuid.uuid4().hex[:12]
         self._published = itertools.count()
 
-    def _client(self) -> aiomqtt.Client:
-        target = self._settings.mqtt
-        version: dict[str, Any] = {"clean_session": False}
-        if self._mqtt5:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.ReceiveMaximum = self._settings.mqtt_receive_maximum
-            props.SessionExpiryInterval = SESSION_NEVER_EXPIRES
-            version = {
-                "protocol": aiomqtt.ProtocolVersion.V5,
-                "clean_start": False,
-                "properties": props,
-            }
-        client = aiomqtt.Client(
-            target.host,
-            target.port,
-            username=target.username,
-            password=target.password,
-            identifier=self._settings.mqtt_client_id,
-            keepalive=30,
-            tls_params=aiomqtt.TLSParameters() if target.tls else None,
-            max_inflight_messages=1000,
-            **version,
-        )
-        # aiomqtt has no switch for this; paho's manual ack is what holds PUBACK until stored.
-        client._client.manual_ack_set(True)
-        return client
-
     async def run(self) -> None:
         backoff = Backoff(self._stop, first_s=0.2)
         while not self._stop.is_set():
@@ -152,14 +91,14 @@ class MqttBridge:
             except Fenced as exc:
                 log.warning("MQTT session given up", reason=str(exc))
                 continue
-            except aiomqtt.MqttCodeError as exc:
-                if self._mqtt5 and exc.rc in _NO_MQTT5 and self._settings.mqtt_protocol == "auto":
+            except Refused as exc:
+                if self._mqtt5 and exc.no_mqtt5 and self._settings.mqtt_protocol == "auto":
                     log.info("broker does not speak MQTT 5, using 3.1.1")
                     self._mqtt5 = False
                     continue
                 self.health.last_error = str(exc)
-                log.warning("MQTT connection lost, reconnecting", error=str(exc))
-            except aiomqtt.MqttError as exc:
+                log.warning("MQTT connection refused, retrying", error=str(exc))
+            except MqttError as exc:
                 self.health.last_error = str(exc)
                 log.warning("MQTT connection lost, reconnecting", error=str(exc))
             except Exception as exc:  # whatever breaks a session, the bridge must come back
@@ -196,68 +135,68 @@ class MqttBridge:
         return True
 
     async def _session(self) -> None:
-        client = self._client()
-        async with client:
+        target, client_id = self._settings.mqtt, self._settings.mqtt_client_id
+        session = await Session.connect(
+            target,
+            client_id,
+            mqtt5_=self._mqtt5,
+            receive_maximum=self._settings.mqtt_receive_maximum,
+            keepalive_s=30,
+        )
+        try:
             self.health.connected = True
             self.health.connected_since = time.monotonic()
-            await client.subscribe([(topic, 1) for topic in SUBSCRIPTIONS])
+            if not session.session_present:
+                log.info("MQTT session new at the broker", client_id=client_id)
+            await session.subscribe(SUBSCRIPTIONS)
             self.health.subscribed = True
             self.health.settled.set()
             self.health.last_error = None
-            log.info(
-                "MQTT subscribed",
-                topics=list(SUBSCRIPTIONS),
-                client_id=self._settings.mqtt_client_id,
-            )
-            messages = client.messages
-            intake = Intake(client, self._settings.mqtt_receive_maximum)
-            intake.install()
-            stopper = asyncio.create_task(self._stop.wait())
-            if self._gate is not None:
-                lost = asyncio.create_task(self._gate.lost(self._stop))
-                lost.add_done_callback(lambda _: stopper.cancel())
+            log.info("MQTT subscribed", topics=list(SUBSCRIPTIONS), client_id=client_id)
+            ended = asyncio.ensure_future(self._ended())
             try:
                 while not self._stop.is_set():
-                    intake.took()
-                    nxt = asyncio.ensure_future(anext(messages))
-                    done, _ = await asyncio.wait(
-                        {nxt, stopper}, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    if nxt not in done:
-                        nxt.cancel()
+                    ready = asyncio.ensure_future(session.ready())
+                    await asyncio.wait({ready, ended}, return_when=asyncio.FIRST_COMPLETED)
+                    if not ready.done():
+                        ready.cancel()
                         break
-                    batch = [nxt.result()]
-                    await self._fill(messages, batch)
+                    ready.result()  # raises if the connection ended
+                    batch = session.take(self._batch_size)
                     if len(batch) < self._batch_size and self._linger_s:
                         # A small batch waits a moment for more: at a fleet's steady rate this
                         # makes a storage round trip per 30 readings instead of per 3, for a
-                        # delay far below the interval's grace. (A sleep, not a timed wait on
-                        # the iterator: cancelling that can drop a message it just took.)
+                        # delay far below the interval's grace.
                         await asyncio.sleep(self._linger_s)
-                        await self._fill(messages, batch)
-                    intake.took()
-                    await self._forward(client, batch)
+                        batch += session.take(self._batch_size - len(batch))
+                    await self._forward(session, batch)
             finally:
-                stopper.cancel()
-                if self._gate is not None:
-                    lost.cancel()
+                ended.cancel()
+        finally:
+            await session.close()
 
-    async def _fill(self, messages: Any, batch: list[aiomqtt.Message]) -> None:
-        """Add what is queued already, up to the batch size."""
-        while len(messages) and len(batch) < self._batch_size:
-            batch.append(await anext(messages))
+    async def _ended(self) -> None:
+        """Return when the worker stops or, with a gate, when the session's claim is lost."""
+        if self._gate is None:
+            await self._stop.wait()
+            return
+        stopped = asyncio.ensure_future(self._stop.wait())
+        lost = asyncio.ensure_future(self._gate.lost(self._stop))
+        try:
+            await asyncio.wait({stopped, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            lost.cancel()
 
-    async def _forward(self, client: aiomqtt.Client, batch: list[aiomqtt.Message]) -> None:
+    async def _forward(self, session: Session, batch: list[Message]) -> None:
         now = datetime.now(UTC)
         # Without INGEST (fused), the order within the batch comes from our own counter.
         fused = bool(self._sinks)
         by_kind: dict[str, list[IngestMessage]] = {}
         for message in batch:
             envelope = to_ingest(
-                message.topic.value,
-                message.payload
-                if isinstance(message.payload, bytes)
-                else bytes(str(message.payload), "utf-8"),
+                message.topic,
+                message.payload,
                 now,
                 self._max_payload_bytes,
                 next(self._seq) if fused else 0,
@@ -285,7 +224,5 @@ class MqttBridge:
         await asyncio.gather(*stored)
         if self._gate is not None:
             self._gate.check()  # no PUBACK from a replica that lost the session's claim
-        for message in batch:
-            if message.qos > 0:
-                client._client.ack(message.mid, message.qos)
+        session.ack(batch)
         self._metrics.stage_out.labels("mqtt_bridge", "ingestmessage").inc(len(batch))

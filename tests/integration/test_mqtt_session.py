@@ -1,0 +1,180 @@
+"""The bridge's MQTT client against real brokers (mosquitto, or nats-server's MQTT listener):
+QoS 1 with PUBACKs held until the caller acknowledges, a session that outlives the connection,
+flow control that keeps a backlog at the broker, and MQTT 3.1.1 where a broker lacks 5."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from pipeline.config import MqttTarget
+from pipeline.devstack import NatsServer
+from pipeline.mqtt_session import Message, Refused, Session
+from tests.conftest import eventually, use_mosquitto
+from tests.integration.support import publish, running
+
+LIMIT = 100
+COUNT = 3000
+
+
+async def connect(url: str, client_id: str, *, mqtt5: bool, **options: int) -> Session:
+    session = await Session.connect(MqttTarget(url), client_id, mqtt5_=mqtt5, **options)
+    await session.subscribe(["t/#"])
+    return session
+
+
+async def receive(session: Session, count: int, *, ack: bool = True) -> list[Message]:
+    """Take `count` messages as they come (acknowledging each batch unless told not to)."""
+    seen: list[Message] = []
+    deadline = time.monotonic() + 60
+    while len(seen) < count and time.monotonic() < deadline:
+        await asyncio.wait_for(session.ready(), 30)
+        batch = session.take(count - len(seen))
+        if ack:
+            session.ack(batch)
+        seen.extend(batch)
+    return seen
+
+
+#: Whether the test broker speaks MQTT 5 (mosquitto does, nats-server's MQTT listener does not).
+MQTT5 = use_mosquitto()
+#: MQTT 5 where the test broker speaks it, 3.1.1 everywhere.
+PROTOCOLS = [True, False] if MQTT5 else [False]
+
+
+@pytest.mark.parametrize("mqtt5", PROTOCOLS, ids=lambda v: "mqtt5" if v else "mqtt311")
+async def test_reading_pauses_at_the_limit_and_every_message_arrives_in_order(
+    mqtt_broker, mqtt5: bool
+) -> None:
+    client_id = f"limit-{uuid.uuid4().hex[:6]}"
+    session = await connect(mqtt_broker.url, client_id, mqtt5=mqtt5, limit=LIMIT)
+    try:
+        await publish(mqtt_broker.url, [("t/x", f"m{i}") for i in range(COUNT)])
+
+        async def paused() -> bool:
+            return not session.reading
+
+        await eventually(paused, bool)  # nothing taken yet: the queue is full, reading stopped
+        assert session.queued() == LIMIT
+        seen: list[bytes] = []
+        deadline = time.monotonic() + 60
+        while len(seen) < COUNT and time.monotonic() < deadline:
+            await asyncio.wait_for(session.ready(), 30)
+            batch = session.take(7)
+            session.ack(batch)
+            seen.extend(m.payload for m in batch)
+            assert session.queued() <= LIMIT
+    finally:
+        await session.close()
+    assert seen == [f"m{i}".encode() for i in range(COUNT)]
+    assert session.pauses > 1
+
+
+async def test_unacknowledged_messages_come_again_after_a_reconnect_and_acknowledged_ones_do_not(
+    mqtt_broker, nats_server
+) -> None:
+    """The session outlives the connection (same client id, no clean start): what was taken
+    but never acknowledged is sent again, nothing acknowledged is, and what was published
+    while no one was connected waits for the next connection."""
+    mqtt5 = MQTT5
+    client_id = f"held-{uuid.uuid4().hex[:6]}"
+    first = await connect(mqtt_broker.url, client_id, mqtt5=mqtt5)
+    await publish(mqtt_broker.url, [("t/x", f"m{i}") for i in range(20)])
+    acked = await receive(first, 10)
+    held = await receive(first, 10, ack=False)
+    assert [m.payload for m in acked + held] == [f"m{i}".encode() for i in range(20)]
+    first.abort()  # a crash: no DISCONNECT
+    await publish(mqtt_broker.url, [("t/x", f"n{i}") for i in range(5)])
+
+    second = await connect(mqtt_broker.url, client_id, mqtt5=mqtt5)
+    try:
+        assert second.session_present
+        again = await receive(second, 15)
+    finally:
+        await second.close()
+    # mosquitto sends the held ones first; nats-server's listener after its ack_wait (30 s).
+    assert sorted(m.payload for m in again) == sorted(
+        [f"m{i}".encode() for i in range(10, 20)] + [f"n{i}".encode() for i in range(5)]
+    )
+
+
+async def test_an_mqtt5_connect_to_a_broker_without_5_is_refused_as_such(tmp_path: Path) -> None:
+    """nats-server's MQTT listener answers an MQTT 5 CONNECT as a 3.1.1 broker: the bridge
+    learns from `no_mqtt5` to connect with 3.1.1, which then works."""
+    nats_server = NatsServer(tmp_path / "nats", mqtt=True).start()
+    try:
+        await _no_mqtt5_then_311(nats_server.mqtt_url)
+    finally:
+        nats_server.stop()
+
+
+async def _no_mqtt5_then_311(url: str) -> None:
+    with pytest.raises(Refused) as refused:
+        await Session.connect(MqttTarget(url), "five", mqtt5_=True)
+    assert refused.value.no_mqtt5
+    session = await connect(url, "five", mqtt5=False)
+    try:
+        await publish(url, [("t/y", "hello")])
+        [message] = await receive(session, 1)
+    finally:
+        await session.close()
+    assert (message.topic, message.payload) == ("t/y", b"hello")
+
+
+async def test_a_large_payload_split_over_many_reads_arrives_whole(mqtt_broker) -> None:
+    session = await connect(mqtt_broker.url, f"big-{uuid.uuid4().hex[:6]}", mqtt5=MQTT5)
+    big = bytes(range(256)) * 2000  # 512 KB, far more than one socket read
+    try:
+        await publish(mqtt_broker.url, [("t/small", b"a"), ("t/big", big), ("t/small", b"b")])
+        seen = await receive(session, 3)
+    finally:
+        await session.close()
+    assert [(m.topic, m.payload) for m in seen] == [
+        ("t/small", b"a"),
+        ("t/big", big),
+        ("t/small", b"b"),
+    ]
+
+
+async def test_a_small_receive_maximum_loses_no_reading(settings, db, mqtt_broker) -> None:
+    """PIPELINE_MQTT_RECEIVE_MAXIMUM=20 (the intake pauses at 20 queued): a burst 150 times
+    larger is stored in full."""
+    org = uuid.uuid4()
+    await db.execute("INSERT INTO einheit (id, organization_id) VALUES (77, $1)", org)
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    burst = [
+        (
+            f"zev/{org}/77/messwert",
+            f'{{"timestamp": "{(base + timedelta(minutes=i)).isoformat()}", '
+            f'"verbrauch": {i % 97 / 100}, "einspeisung": 0}}',
+        )
+        for i in range(COUNT)
+    ]
+    small = settings.model_copy(update={"mqtt_receive_maximum": 20})
+    async with running(small):
+        await publish(mqtt_broker.url, burst)
+
+        async def stored() -> int:
+            return int(await db.fetchval("SELECT count(*) FROM zaehler_rohdaten"))
+
+        await eventually(stored, lambda n: n == COUNT, timeout_s=60)
+
+
+def test_a_session_works_on_uvloop_as_in_a_worker(mqtt_broker) -> None:
+    """Workers run on uvloop, whose transports are not asyncio's classes."""
+
+    async def roundtrip() -> list[bytes]:
+        session = await connect(mqtt_broker.url, f"uv-{uuid.uuid4().hex[:6]}", mqtt5=MQTT5)
+        try:
+            await publish(mqtt_broker.url, [("t/uv", f"u{i}") for i in range(50)])
+            return [m.payload for m in await receive(session, 50)]
+        finally:
+            await session.close()
+
+    assert uvloop.run(roundtrip()) == [f"u{i}".encode() for i in range(50)]
