@@ -150,6 +150,8 @@ class NatsServer(_Process):
         self.server_name = server_name
         #: Configuration appended as it is: a `cluster {…}` block, an `include`.
         self.extra_config = ""
+        #: Lines added to the `mqtt {…}` block: `tls {…}`, `authorization {…}`.
+        self.mqtt_options = ""
 
     @property
     def url(self) -> str:
@@ -179,7 +181,11 @@ class NatsServer(_Process):
         """Write the configuration and start the process, without waiting for it."""
         store = self.workdir / "jetstream"
         sync = "\n  sync_interval: always" if self.sync_always else ""
-        mqtt = f"mqtt {{\n  listen: 127.0.0.1:{self.mqtt_port}\n}}\n" if self.mqtt_port else ""
+        mqtt = (
+            f"mqtt {{\n  listen: 127.0.0.1:{self.mqtt_port}\n{self.mqtt_options}}}\n"
+            if self.mqtt_port
+            else ""
+        )
         config = self.workdir / "nats.conf"
         config.write_text(
             f"server_name: {self.server_name or f'messwerte_dev_{self.port}'}\n"

@@ -5,17 +5,21 @@ flow control that keeps a backlog at the broker, and MQTT 3.1.1 where a broker l
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import aiomqtt
 import pytest
+import trustme
 import uvloop
 
 from pipeline.config import MqttTarget
 from pipeline.devstack import NatsServer
-from pipeline.mqtt_session import Message, Refused, Session
+from pipeline.mqtt_session import Message, MqttError, Refused, Session
 from tests.conftest import eventually, use_mosquitto
 from tests.integration.support import publish, running
 
@@ -178,3 +182,73 @@ def test_a_session_works_on_uvloop_as_in_a_worker(mqtt_broker) -> None:
             await session.close()
 
     assert uvloop.run(roundtrip()) == [f"u{i}".encode() for i in range(50)]
+
+
+@pytest.fixture
+def secured_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NatsServer]:
+    """nats-server's MQTT listener over TLS (a certificate of a CA made for the test, trusted
+    through SSL_CERT_FILE as an operator's CA would be) that requires a user and password."""
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("127.0.0.1")
+    cert, key, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    server_cert.cert_chain_pems[0].write_to_path(str(cert))
+    server_cert.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    server = NatsServer(tmp_path / "nats", mqtt=True)
+    server.mqtt_options = (
+        f'  tls {{\n    cert_file: "{cert}"\n    key_file: "{key}"\n  }}\n'
+        '  authorization {\n    username: "meter"\n    password: "s3cr/t"\n  }\n'
+    )
+    yield server.start()
+    server.stop()
+
+
+async def test_tls_with_a_user_and_password_connects_and_receives(secured_broker) -> None:
+    url = f"mqtts://meter:s3cr%2Ft@127.0.0.1:{secured_broker.mqtt_port}"
+    session = await connect(url, "tls-client", mqtt5=False)
+    try:
+        async with aiomqtt.Client(
+            "127.0.0.1",
+            secured_broker.mqtt_port,
+            username="meter",
+            password="s3cr/t",
+            tls_context=ssl.create_default_context(),
+        ) as publisher:
+            await publisher.publish("t/tls", b"over tls", qos=1)
+        [message] = await receive(session, 1)
+    finally:
+        await session.close()
+    assert (message.topic, message.payload) == ("t/tls", b"over tls")
+
+
+async def test_a_wrong_password_is_refused_with_the_brokers_code(secured_broker) -> None:
+    url = f"mqtts://meter:wrong@127.0.0.1:{secured_broker.mqtt_port}"
+    with pytest.raises(Refused) as refused:
+        await Session.connect(MqttTarget(url), "tls-client", mqtt5_=False)
+    assert refused.value.code in (4, 5)  # 3.1.1: bad user name or password, not authorized
+    assert not refused.value.no_mqtt5
+
+
+async def test_a_plain_connection_to_a_tls_listener_fails_instead_of_hanging(
+    secured_broker,
+) -> None:
+    url = f"mqtt://meter:s3cr%2Ft@127.0.0.1:{secured_broker.mqtt_port}"
+    with pytest.raises(MqttError):
+        await asyncio.wait_for(Session.connect(MqttTarget(url), "plain-client", mqtt5_=False), 30)
+
+
+async def test_a_broker_that_stops_answering_ends_the_session_after_one_and_a_half_keepalives(
+    tmp_path: Path,
+) -> None:
+    """SIGSTOP of the broker: no RST, no FIN, only silence. The session's PINGREQs go
+    unanswered and it ends with the reason, so the bridge reconnects instead of waiting."""
+    server = NatsServer(tmp_path / "nats", mqtt=True).start()
+    try:
+        session = await connect(server.mqtt_url, "keepalive", mqtt5=False, keepalive_s=1)
+        server.pause()
+        with pytest.raises(MqttError, match="nothing from the broker"):
+            await asyncio.wait_for(session.ready(), 10)
+    finally:
+        server.resume()
+        server.stop()
