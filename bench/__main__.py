@@ -17,7 +17,7 @@ from bench import report
 from bench.harness import Result, Stack, latency, throughput
 from bench.load import make_load, publisher_argv
 from bench.soak import soak
-from bench.systems import KINDS
+from bench.systems import COUNTERS, KINDS, available
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown system(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
+    if missing := set(kinds) - set(available(kinds)):
+        print(f"skipped, not installed: {', '.join(sorted(missing))}", file=sys.stderr)
+        kinds = available(kinds)
     workdir = Path(tempfile.mkdtemp(prefix="messwerte-bench-"))
     stack = Stack(workdir, nats_sync_always=args.nats_sync == "always")
     completed = False
@@ -127,7 +130,7 @@ def _bench(stack: Stack, args: argparse.Namespace, kinds: list[str], workdir: Pa
         print(f"  {r.rate:,.0f} msg/s, {r.lost} lost", flush=True)
         results.append(r)
     for kind in kinds:
-        if kind == "raw":
+        if kind in COUNTERS:
             continue  # it stores nothing: there is no commit to time
         print(f"{kind}: {open_load.total:,} readings at {args.rate:,.0f} msg/s ...", flush=True)
         r = latency(stack, kind, open_load, args.rate, workdir, args.stall_seconds)

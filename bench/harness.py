@@ -195,7 +195,8 @@ def throughput(
     replicas: int = 1,
 ) -> Result:
     """Closed loop: every publisher at full speed; time from the first publish to the last row
-    (for `raw`: to the last message counted). `replicas` workers of each (design §14)."""
+    (for the counting subscribers: to the last message counted). `replicas` workers of each
+    (design §14)."""
     result = Result(kind, "closed", load.total)
     with stack.environment(kind, cluster) as env:
         database_url = env["PIPELINE_DATABASE_URL"]
@@ -213,7 +214,7 @@ def throughput(
         try:
             with loadgen.publishing(load, stack.mqtt_port, uuid.uuid4().hex[:6]) as publishers:
                 started = loadgen.closed_loop(publishers, load)
-                if kind == "raw":
+                if kind in systems.COUNTERS:
                     # It counts at thousands per second; give it that, and the stall allowance.
                     done = system.done_at(timeout_s=stall_s + load.total / 1000)
                     result.stored = load.total if done is not None else 0

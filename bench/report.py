@@ -15,6 +15,9 @@ from bench.harness import Result
 
 LABELS = {
     "raw": "raw ceiling: aiomqtt subscriber that only counts",
+    "session": "new client's ceiling: the bridge's MQTT session that only counts and PUBACKs",
+    "bridge": "bridge's ceiling: receive, envelope, hand-off to a sink that stores nothing, PUBACK",
+    "mosquitto_sub": "reference: mosquitto_sub (C, MQTT 5, QoS 1), output counted",
     "naive": "naive baseline: one INSERT per message",
     "fused": "pipeline, fused (`pipeline run --mode fused`)",
     "split": "pipeline, split (one process per stage)",

@@ -1,6 +1,7 @@
 """The systems under test, each a set of processes: start, wait until ready, measure, stop.
 
-`raw` and `naive` are the reference subscribers of `bench.subscribers`; `fused` is one
+`raw`, `session`, `bridge`, `mosquitto_sub` and `naive` are the reference subscribers of
+`bench.subscribers` (the first four only count: `COUNTERS`); `fused` is one
 `pipeline run --mode fused` process; `split` is one `pipeline run --mode split --stage X` process
 per stage, as an operator scales them.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +27,9 @@ from pipeline.topology import STAGES
 #: The stages an MQTT reading passes through (the ingest API takes no part in this load).
 MQTT_STAGES = tuple(dict.fromkeys(s.name for s in STAGES if not s.reads.startswith("http:")))
 
-KINDS = ("raw", "naive", "fused", "split")
+KINDS = ("raw", "session", "bridge", "mosquitto_sub", "naive", "fused", "split")
+#: Subscribers that store nothing: they are timed to the last message counted.
+COUNTERS = ("raw", "session", "bridge", "mosquitto_sub")
 
 
 @dataclass
@@ -34,6 +38,8 @@ class Proc:
     popen: subprocess.Popen[bytes]
     http_port: int | None = None
     profiler: subprocess.Popen[bytes] | None = None
+    #: A program it runs whose CPU counts as its own (mosquitto_sub under its wrapper).
+    child_pid: int | None = None
 
     def peak_rss_mib(self) -> float:
         """The process's peak resident set (VmHWM), 0 when it is gone or not on Linux."""
@@ -47,12 +53,9 @@ class Proc:
         return 0.0
 
     def cpu_s(self) -> float:
-        """User plus system CPU time the process has used so far."""
-        try:
-            fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User plus system CPU time the process (and its child) has used so far."""
+        pids = [self.popen.pid] + ([self.child_pid] if self.child_pid else [])
+        return sum(_cpu_s(pid) for pid in pids)
 
     def rss_mib(self) -> float:
         try:
@@ -124,6 +127,20 @@ class System:
         return None
 
 
+def _cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def available(kinds: list[str]) -> list[str]:
+    """The kinds this machine can run (mosquitto_sub only where mosquitto is installed)."""
+    have_sub = shutil.which("mosquitto_sub") is not None and shutil.which("mosquitto_pub")
+    return [k for k in kinds if k != "mosquitto_sub" or have_sub]
+
+
 def start(
     kind: str,
     *,
@@ -135,19 +152,21 @@ def start(
     replicas: int = 1,
 ) -> System:
     system = System(kind)
-    if kind in ("raw", "naive"):
+    if kind in (*COUNTERS, "naive"):
         argv = [sys.executable, "-m", "bench.subscribers", kind, str(mqtt_port), str(expected)]
         if kind == "naive":
             argv.append(env["PIPELINE_DATABASE_URL"])
         popen = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=(logdir / f"{kind}.log").open("wb")
         )
-        system.procs.append(Proc(kind, popen))
+        proc = Proc(kind, popen)
+        system.procs.append(proc)
         assert popen.stdout is not None
-        line = popen.stdout.readline().decode().strip()
-        if line != "ready":
+        line = popen.stdout.readline().decode().split()
+        if not line or line[0] != "ready":
             system.stop()
-            raise RuntimeError(f"{kind} subscriber did not start: {line!r}")
+            raise RuntimeError(f"{kind} subscriber did not start: {line!r}; see {logdir}")
+        proc.child_pid = int(line[1]) if len(line) > 1 else None
         return system
     groups = [[]] if kind == "fused" else [["--stage", s] for s in MQTT_STAGES]
     for args, replica in [(a, n) for a in groups for n in range(1, replicas + 1)]:

@@ -143,9 +143,11 @@ class MqttBridge:
             receive_maximum=self._settings.mqtt_receive_maximum,
             keepalive_s=30,
         )
+        paused_before = self.health.reading_paused
         try:
             self.health.connected = True
             self.health.connected_since = time.monotonic()
+            self.health.protocol = "5" if self._mqtt5 else "3.1.1"
             if not session.session_present:
                 log.info("MQTT session new at the broker", client_id=client_id)
             await session.subscribe(SUBSCRIPTIONS)
@@ -170,6 +172,7 @@ class MqttBridge:
                         await asyncio.sleep(self._linger_s)
                         batch += session.take(self._batch_size - len(batch))
                     await self._forward(session, batch)
+                    self.health.reading_paused = paused_before + session.pauses
             finally:
                 ended.cancel()
         finally:

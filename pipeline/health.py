@@ -30,6 +30,10 @@ class MqttHealth:
     connected_since: float | None = None
     #: Another replica holds the MQTT session; this one waits to take over (design §14).
     standby: bool = False
+    #: The MQTT version of the connection ("5" or "3.1.1"), None before the first.
+    protocol: str | None = None
+    #: Times the bridge stopped reading its socket with PIPELINE_MQTT_RECEIVE_MAXIMUM waiting.
+    reading_paused: int = 0
     #: Set once the first subscription stands (messages published earlier may be lost), or
     #: once the bridge found another replica holding the session.
     settled: asyncio.Event = field(default_factory=asyncio.Event)
@@ -55,6 +59,8 @@ class MqttHealth:
             "silence_threshold_seconds": self.silence_threshold_s,
             "reconnects": self.reconnects,
             "last_error": self.last_error,
+            "protocol": self.protocol,
+            "reading_paused": self.reading_paused,
         }
 
 

@@ -8,6 +8,7 @@ import importlib.util
 import json
 
 from bench.__main__ import main
+from bench.systems import KINDS, available
 
 
 def test_bench_runs_every_system_on_the_same_load_and_reports_it(tmp_path, capsys) -> None:
@@ -21,7 +22,8 @@ def test_bench_runs_every_system_on_the_same_load_and_reports_it(tmp_path, capsy
     data = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
     closed = {r["kind"]: r for r in data["results"] if r["loop"] == "closed"}
     opened = {r["kind"]: r for r in data["results"] if r["loop"] == "open"}
-    assert set(closed) == {"raw", "naive", "fused", "split"}
+    assert set(closed) == set(available(list(KINDS)))
+    assert {"raw", "session", "bridge", "naive", "fused", "split"} <= set(closed)
     assert set(opened) == {"naive", "fused", "split"}
     for result in data["results"]:
         assert result["lost"] == 0, result

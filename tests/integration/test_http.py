@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.config import Settings
 from pipeline.devstack import free_port
-from tests.conftest import eventually
+from tests.conftest import eventually, use_mosquitto
 from tests.integration.support import body, publish, running, topic
 
 ORG = uuid.uuid4()
@@ -91,6 +91,7 @@ async def test_mqtt_health_reports_subscription_and_silence(settings, mqtt_broke
         )
         assert mqtt["subscribed"] is True
         assert mqtt["seconds_since_last_message"] is None
+        assert mqtt["protocol"] == ("5" if use_mosquitto() else "3.1.1")
         await publish(mqtt_broker.url, [(topic(ORG, 1), b"{}")])
         _, _, mqtt = await eventually(
             lambda: get(settings, "/actuator/health/mqtt"),
