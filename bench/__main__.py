@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             code = _ingest(stack, args, workdir)
         else:
             code = _bench(stack, args, kinds, workdir)
-        completed = True
+        completed = code == 0  # a run that lost messages keeps its logs
         return code
     finally:
         stack.close()

@@ -19,6 +19,7 @@ LABELS = {
     "bridge": "bridge's ceiling: receive, envelope, hand-off to a sink that stores nothing, PUBACK",
     "mosquitto_sub": "reference: mosquitto_sub (C, MQTT 5, QoS 1), output counted",
     "naive": "naive baseline: one INSERT per message",
+    "nodered": "Node-RED 4.1 flow: mqtt in, json, validate, join 500/50 ms, one upsert",
     "fused": "pipeline, fused (`pipeline run --mode fused`)",
     "split": "pipeline, split (one process per stage)",
 }

@@ -35,6 +35,7 @@ import uvloop
 from pipeline.bridge import MqttBridge
 from pipeline.config import MqttTarget, Settings
 from pipeline.health import MqttHealth
+from pipeline.logging import configure
 from pipeline.metrics import Metrics
 from pipeline.mqtt_session import Refused, Session
 from schemas.messages import IngestMessage
@@ -156,6 +157,7 @@ def main() -> None:
     if kind == "session":
         uvloop.run(_session(port, expected))
     elif kind == "bridge":
+        configure(level="warning")  # to stderr: stdout is for `ready` and `done`
         uvloop.run(_bridge(port, expected))
     elif kind == "mosquitto_sub":
         _mosquitto_sub(port, expected)

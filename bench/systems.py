@@ -27,7 +27,7 @@ from pipeline.topology import STAGES
 #: The stages an MQTT reading passes through (the ingest API takes no part in this load).
 MQTT_STAGES = tuple(dict.fromkeys(s.name for s in STAGES if not s.reads.startswith("http:")))
 
-KINDS = ("raw", "session", "bridge", "mosquitto_sub", "naive", "fused", "split")
+KINDS = ("raw", "session", "bridge", "mosquitto_sub", "naive", "nodered", "fused", "split")
 #: Subscribers that store nothing: they are timed to the last message counted.
 COUNTERS = ("raw", "session", "bridge", "mosquitto_sub")
 
@@ -135,10 +135,60 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+NODERED = Path(__file__).parent / "nodered"
+NODERED_START_S = 120.0
+
+
 def available(kinds: list[str]) -> list[str]:
-    """The kinds this machine can run (mosquitto_sub only where mosquitto is installed)."""
-    have_sub = shutil.which("mosquitto_sub") is not None and shutil.which("mosquitto_pub")
-    return [k for k in kinds if k != "mosquitto_sub" or have_sub]
+    """The kinds this machine can run: mosquitto_sub where mosquitto is installed, Node-RED
+    where Node.js and npm are (its packages are installed from `bench/nodered`)."""
+    have = {
+        "mosquitto_sub": bool(shutil.which("mosquitto_sub") and shutil.which("mosquitto_pub")),
+        "nodered": bool(shutil.which("node") and shutil.which("npm")),
+    }
+    return [k for k in kinds if have.get(k, True)]
+
+
+def install_nodered() -> Path:
+    """Node-RED and pg from `bench/nodered/package-lock.json` (once); its entry point."""
+    red = NODERED / "node_modules" / "node-red" / "red.js"
+    if not red.exists():
+        npm = shutil.which("npm")
+        assert npm is not None
+        subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--loglevel", "error"], cwd=NODERED, check=True
+        )
+    return red
+
+
+def _start_nodered(system: System, mqtt_port: int, env: dict[str, str], logdir: Path) -> None:
+    """The flow of `bench/nodered/flows.json`, ready once its MQTT node is connected."""
+    red, node = install_nodered(), shutil.which("node")
+    assert node is not None
+    userdir = logdir / "nodered-userdir"
+    userdir.mkdir(exist_ok=True)
+    log = logdir / "nodered.log"
+    argv = [node, str(red), "--settings", str(NODERED / "settings.js")]
+    argv += ["--userDir", str(userdir), str(NODERED / "flows.json")]
+    popen = subprocess.Popen(
+        argv,
+        env={
+            **os.environ,
+            "MQTT_PORT": str(mqtt_port),
+            "DATABASE_URL": env["PIPELINE_DATABASE_URL"],
+            "NODERED_PORT": str(free_port()),
+        },
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    system.procs.append(Proc("nodered", popen))
+    deadline = time.monotonic() + NODERED_START_S
+    while "Connected to broker" not in log.read_text(errors="replace"):
+        if time.monotonic() > deadline or popen.poll() is not None:
+            system.stop()
+            raise RuntimeError(f"Node-RED did not connect to the broker; see {log}")
+        time.sleep(0.1)
 
 
 def start(
@@ -152,6 +202,9 @@ def start(
     replicas: int = 1,
 ) -> System:
     system = System(kind)
+    if kind == "nodered":
+        _start_nodered(system, mqtt_port, env, logdir)
+        return system
     if kind in (*COUNTERS, "naive"):
         argv = [sys.executable, "-m", "bench.subscribers", kind, str(mqtt_port), str(expected)]
         if kind == "naive":
