@@ -85,6 +85,20 @@ def table(results: Sequence[Result], setup: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def outage_table(results: Sequence[Result], down_s: float) -> str:
+    """What each system stored of a paced load with PostgreSQL stopped for `down_s`."""
+    lines = [
+        f"PostgreSQL stopped for {down_s:g} s a third of the way into a paced load:",
+        "",
+        "| system | sent | stored | lost |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in results:
+        if r.loop == "outage":
+            lines.append(f"| {LABELS[r.kind]} | {r.messages:,} | {r.stored:,} | {r.lost:,} |")
+    return "\n".join(lines)
+
+
 def write(results: Sequence[Result], setup: dict[str, Any], out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -95,7 +109,10 @@ def write(results: Sequence[Result], setup: dict[str, Any], out: Path) -> dict[s
     }
     paths = {"json": out / f"bench-{stamp}.json", "table": out / f"bench-{stamp}.md"}
     paths["json"].write_text(json.dumps(data, indent=2, default=str))
-    paths["table"].write_text(table(results, setup) + "\n")
+    text = table(results, setup)
+    if "outage_s" in setup:
+        text += "\n\n" + outage_table(results, setup["outage_s"])
+    paths["table"].write_text(text + "\n")
     png = chart(results, out / f"bench-{stamp}.png")
     if png is not None:
         paths["png"] = png

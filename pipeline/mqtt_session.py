@@ -1,8 +1,9 @@
 """The bridge's MQTT client: one connection to the broker, subscribe-only, QoS 1 with the
 PUBACKs in the caller's hands, and reading paused while enough messages wait.
 
-Why our own session layer and not a client library (measured in issue 13's table, and again by
-`python -m bench --only raw`): paho, under aiomqtt, costs 88–98 µs of CPU per message on MQTT
+Why our own session layer and not a client library (measured side by side, and in every
+`make bench` run against the old client and mosquitto_sub; see the README's "The MQTT client"):
+paho, under aiomqtt, costs 88–98 µs of CPU per message on MQTT
 5 (a properties object per packet, a task per message) and has no public way to hold a PUBACK
 or to stop reading its socket; gmqtt acknowledges only after an `async` callback per message
 (18–20 µs) and cannot pause reading either. The packet format is not ours: MQTT 5 packets are

@@ -8,14 +8,15 @@ import importlib.util
 import json
 
 from bench.__main__ import main
-from bench.systems import KINDS, available
+from bench.systems import COUNTERS, KINDS, available
 
 
 def test_bench_runs_every_system_on_the_same_load_and_reports_it(tmp_path, capsys) -> None:
     code = main(
         [
             "--messages", "1200", "--publishers", "4", "--rate", "400",
-            "--latency-seconds", "1.5", "--stall-seconds", "15", "--out", str(tmp_path),
+            "--latency-seconds", "1.5", "--stall-seconds", "15", "--outage-seconds", "1",
+            "--out", str(tmp_path),
         ]
     )  # fmt: skip
     assert code == 0, capsys.readouterr().out
@@ -24,8 +25,13 @@ def test_bench_runs_every_system_on_the_same_load_and_reports_it(tmp_path, capsy
     opened = {r["kind"]: r for r in data["results"] if r["loop"] == "open"}
     assert set(closed) == set(available(list(KINDS)))
     assert {"raw", "session", "bridge", "naive", "fused", "split"} <= set(closed)
-    assert set(opened) == {"naive", "fused", "split"}
+    assert set(opened) == set(closed) - set(COUNTERS)
+    outages = {r["kind"]: r for r in data["results"] if r["loop"] == "outage"}
+    assert set(outages) == {"fused", "nodered"} & set(closed)
+    assert outages["fused"]["lost"] == 0, outages["fused"]  # held at the broker meanwhile
     for result in data["results"]:
+        if result["loop"] == "outage" and result["kind"] == "nodered":
+            continue  # it acknowledges on arrival: what it drops is the finding
         assert result["lost"] == 0, result
         assert result["stored"] == result["messages"] > 0
     for result in closed.values():
@@ -39,6 +45,7 @@ def test_bench_runs_every_system_on_the_same_load_and_reports_it(tmp_path, capsy
         assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"], result
     table = next(tmp_path.glob("bench-*.md")).read_text()
     assert "× raw ceiling" in table
+    assert "PostgreSQL stopped for 1 s" in table
     assert data["raw_ceiling_msg_s"] == closed["raw"]["rate_msg_s"]
 
 
@@ -70,5 +77,6 @@ def test_fleet_bench_closes_every_interval_of_a_small_fleet_and_reports_it(
     assert largest["sustained"]["readings"] > 0
     table = next(tmp_path.glob("fleet-*.md")).read_text()
     assert "× raw ceiling" in table
+    assert "PostgreSQL stopped for 1 s" in table
     if importlib.util.find_spec("matplotlib") is not None:  # the chart needs `.[bench]`
         assert next(tmp_path.glob("fleet-*.png")).stat().st_size > 0

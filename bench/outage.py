@@ -1,0 +1,59 @@
+"""A database outage under load: what each system stores of what it was sent.
+
+The load is paced (the open loop's rate); a third of the way in, PostgreSQL is stopped for
+`down_s` and started again, and the run waits until no more rows arrive. A system that
+acknowledges MQTT messages only once they are stored keeps them at the broker meanwhile and
+stores them once the database is back; one that acknowledges on arrival (Node-RED's `mqtt in`)
+drops what it cannot write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+
+from bench import load as loadgen
+from bench import systems
+from bench.harness import Result, Stack, prepare, wait_for_rows
+from bench.load import Load
+
+DOWN_S = 10.0
+#: The systems whose loss under an outage is a finding; for the pipeline it is a failure.
+OUTAGE_KINDS = ("nodered", "fused")
+
+
+def outage(
+    stack: Stack,
+    kind: str,
+    load: Load,
+    rate_per_s: float,
+    logdir: Path,
+    stall_s: float,
+    down_s: float = DOWN_S,
+) -> Result:
+    result = Result(kind, "outage", load.total)
+    with stack.environment(kind) as env:
+        database_url = env["PIPELINE_DATABASE_URL"]
+        asyncio.run(prepare(database_url, load))
+        system = systems.start(
+            kind, mqtt_port=stack.mqtt_port, expected=load.total, env=env, logdir=logdir
+        )
+        try:
+            with loadgen.publishing(load, stack.mqtt_port, uuid.uuid4().hex[:6]) as publishers:
+                pacer = loadgen.Pacer(publishers, load, rate_per_s)
+                pacer.start()
+                # A schedule, not a synchronisation: the outage falls where the load runs.
+                time.sleep(load.total / rate_per_s / 3)
+                stack.postgres.stop()
+                time.sleep(down_s)
+                stack.postgres.start()
+                pacer.join()
+                result.stored, _ = asyncio.run(wait_for_rows(database_url, load.total, stall_s))
+                result.notes += loadgen.finish(publishers)
+                result.peak_rss_mib = system.peak_rss_mib()
+        finally:
+            system.stop()
+    result.seconds = load.total / rate_per_s
+    return result
