@@ -19,6 +19,7 @@ behind it. Brokers without MQTT 5 (nats-server's MQTT listener) get 3.1.1.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import time
 import uuid
@@ -37,9 +38,12 @@ from pipeline.mqtt_session import Message, MqttError, Refused, Session
 from pipeline.publishing import JetStreamOut
 from pipeline.retry import Abandoned, Backoff
 from schemas.messages import IngestMessage
-from stages.mqtt_bridge import SUBSCRIPTIONS, ingest_subject, route_of, to_ingest
+from stages.mqtt_bridge import ROUTES, SUBSCRIPTIONS, ingest_subject, route_of, to_ingest
 
 log = structlog.get_logger("pipeline.bridge")
+
+#: Batches a fused bridge has being stored at once.
+STORING_AT_ONCE = 2
 
 #: Where a received batch of one device kind goes; returns once it is stored. A kind without
 #: a sink is published to its ingest subject.
@@ -69,6 +73,13 @@ class MqttBridge:
         self._linger_s = settings.batch_linger_seconds
         self._max_payload_bytes = settings.max_payload_bytes
         self._sinks = dict(sinks or {})
+        # Fused, two batches are stored at once: while PostgreSQL commits one, this process
+        # validates the next (design §10 holds: each reading's order comes from the counter
+        # at receipt, persist applies only what is newer, PUBACKs go in receive order, and
+        # after a crash the broker sends every unacknowledged batch again, in order). Onto
+        # INGEST, one at a time: its stream sequence is the order, and a retried publish of
+        # one batch must not land behind the next.
+        self._pipelined = {route.kind for route in ROUTES} <= set(self._sinks)
         self._mqtt5 = settings.mqtt_protocol != "3.1.1"
         # Without INGEST there is no stream sequence: order by a counter that starts at the
         # clock (microseconds), so a restarted bridge continues above where the last one was.
@@ -155,28 +166,43 @@ class MqttBridge:
             self.health.settled.set()
             self.health.last_error = None
             log.info("MQTT subscribed", topics=list(SUBSCRIPTIONS), client_id=client_id)
-            ended = asyncio.ensure_future(self._ended())
-            try:
-                while not self._stop.is_set():
-                    ready = asyncio.ensure_future(session.ready())
-                    await asyncio.wait({ready, ended}, return_when=asyncio.FIRST_COMPLETED)
-                    if not ready.done():
-                        ready.cancel()
-                        break
-                    ready.result()  # raises if the connection ended
-                    batch = session.take(self._batch_size)
-                    if len(batch) < self._batch_size and self._linger_s:
-                        # A small batch waits a moment for more: at a fleet's steady rate this
-                        # makes a storage round trip per 30 readings instead of per 3, for a
-                        # delay far below the interval's grace.
-                        await asyncio.sleep(self._linger_s)
-                        batch += session.take(self._batch_size - len(batch))
-                    await self._forward(session, batch)
-                    self.health.reading_paused = paused_before + session.pauses
-            finally:
-                ended.cancel()
+            await self._receive(session)
+            self.health.reading_paused = paused_before + session.pauses
         finally:
             await session.close()
+
+    async def _receive(self, session: Session) -> None:
+        """Take batches and store them, `depth` at a time, each acknowledged in turn."""
+        depth = STORING_AT_ONCE if self._pipelined else 1
+        inflight: collections.deque[asyncio.Task[None]] = collections.deque()
+        ended = asyncio.ensure_future(self._ended())
+        try:
+            while not self._stop.is_set():
+                ready = asyncio.ensure_future(session.ready())
+                await asyncio.wait({ready, ended}, return_when=asyncio.FIRST_COMPLETED)
+                if not ready.done():
+                    ready.cancel()
+                    break
+                ready.result()  # raises if the connection ended
+                batch = session.take(self._batch_size)
+                if len(batch) < self._batch_size and self._linger_s:
+                    # A small batch waits a moment for more: at a fleet's steady rate this
+                    # makes a storage round trip per 30 readings instead of per 3, for a
+                    # delay far below the interval's grace.
+                    await asyncio.sleep(self._linger_s)
+                    batch += session.take(self._batch_size - len(batch))
+                by_kind = self._envelopes(batch)  # numbered now, in receive order
+                previous = inflight[-1] if inflight else None
+                inflight.append(
+                    asyncio.ensure_future(self._store(session, batch, by_kind, previous))
+                )
+                while inflight and (len(inflight) >= depth or inflight[0].done()):
+                    await inflight.popleft()  # a failure ends the session here
+        finally:
+            ended.cancel()
+            # What is being stored finishes first (or fails: the worker stops, the claim was
+            # lost), as a single batch always did before the session noticed anything.
+            await asyncio.gather(*inflight, return_exceptions=True)
 
     async def _ended(self) -> None:
         """Return when the worker stops or, with a gate, when the session's claim is lost."""
@@ -191,7 +217,8 @@ class MqttBridge:
             stopped.cancel()
             lost.cancel()
 
-    async def _forward(self, session: Session, batch: list[Message]) -> None:
+    def _envelopes(self, batch: list[Message]) -> dict[str, list[IngestMessage]]:
+        """The batch's messages as envelopes, by device kind."""
         now = datetime.now(UTC)
         # Without INGEST (fused), the order within the batch comes from our own counter.
         fused = bool(self._sinks)
@@ -208,6 +235,16 @@ class MqttBridge:
         self._metrics.mqtt_received.inc(len(batch))
         self._metrics.mqtt_last_message.set(now.timestamp())
         self.health.message_received()
+        return by_kind
+
+    async def _store(
+        self,
+        session: Session,
+        batch: list[Message],
+        by_kind: dict[str, list[IngestMessage]],
+        previous: asyncio.Task[None] | None,
+    ) -> None:
+        """Store a batch, then PUBACK it once the batch before it is acknowledged."""
         outbound = []
         stored: list[Awaitable[None]] = []
         for kind, envelopes in by_kind.items():
@@ -225,6 +262,8 @@ class MqttBridge:
         if outbound:
             stored.append(self._out.publish(outbound))
         await asyncio.gather(*stored)
+        if previous is not None:
+            await previous  # acknowledged in receive order; its failure is this one's too
         if self._gate is not None:
             self._gate.check()  # no PUBACK from a replica that lost the session's claim
         session.ack(batch)
