@@ -269,12 +269,20 @@ class CommitClock:
         self._arrived.set()
 
 
-def latency(
-    stack: Stack, kind: str, load: Load, rate_per_s: float, logdir: Path, stall_s: float
-) -> Result:
-    """Open loop at `rate_per_s`: latency of each reading from its scheduled publish time to
-    the commit of its row, in an HDR histogram."""
-    result = Result(kind, "open", load.total)
+@dataclass
+class Paced:
+    """A system under a paced load: its database, its processes, the pacer and publishers."""
+
+    database_url: str
+    system: systems.System
+    pacer: loadgen.Pacer
+    publishers: Any
+
+
+@contextlib.contextmanager
+def paced(stack: Stack, kind: str, load: Load, rate_per_s: float, logdir: Path) -> Iterator[Paced]:
+    """A fresh database with `kind` running on it and the load's publishers ready to go at
+    `rate_per_s` (call `pacer.start()`); everything stopped afterwards."""
     with stack.environment(kind) as env:
         database_url = env["PIPELINE_DATABASE_URL"]
         asyncio.run(prepare(database_url, load))
@@ -284,20 +292,31 @@ def latency(
         try:
             with loadgen.publishing(load, stack.mqtt_port, uuid.uuid4().hex[:6]) as publishers:
                 pacer = loadgen.Pacer(publishers, load, rate_per_s)
-
-                async def measure() -> CommitClock:
-                    async with CommitClock(database_url) as clock:
-                        pacer.start()
-                        await asyncio.to_thread(pacer.join)
-                        rows, _ = await wait_for_rows(database_url, load.total, stall_s)
-                        await clock.seen(rows, timeout_s=5.0)
-                        return clock
-
-                clock = asyncio.run(measure())
-                result.notes += loadgen.finish(publishers)
-                result.peak_rss_mib = system.peak_rss_mib()
+                yield Paced(database_url, system, pacer, publishers)
         finally:
             system.stop()
+
+
+def latency(
+    stack: Stack, kind: str, load: Load, rate_per_s: float, logdir: Path, stall_s: float
+) -> Result:
+    """Open loop at `rate_per_s`: latency of each reading from its scheduled publish time to
+    the commit of its row, in an HDR histogram."""
+    result = Result(kind, "open", load.total)
+    with paced(stack, kind, load, rate_per_s, logdir) as run:
+        pacer = run.pacer
+
+        async def measure() -> CommitClock:
+            async with CommitClock(run.database_url) as clock:
+                pacer.start()
+                await asyncio.to_thread(pacer.join)
+                rows, _ = await wait_for_rows(run.database_url, load.total, stall_s)
+                await clock.seen(rows, timeout_s=5.0)
+                return clock
+
+        clock = asyncio.run(measure())
+        result.notes += loadgen.finish(run.publishers)
+        result.peak_rss_mib = run.system.peak_rss_mib()
     histogram = HdrHistogram(1, 600_000_000, 3)  # microseconds, up to 10 minutes
     for key, due in pacer.scheduled.items():
         committed = clock.committed.get(key)

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from pathlib import Path
 
 from bench import load as loadgen
-from bench import systems
-from bench.harness import Result, Stack, prepare, wait_for_rows
+from bench.harness import Result, Stack, paced, wait_for_rows
 from bench.load import Load
 
 DOWN_S = 10.0
@@ -34,26 +32,16 @@ def outage(
     down_s: float = DOWN_S,
 ) -> Result:
     result = Result(kind, "outage", load.total)
-    with stack.environment(kind) as env:
-        database_url = env["PIPELINE_DATABASE_URL"]
-        asyncio.run(prepare(database_url, load))
-        system = systems.start(
-            kind, mqtt_port=stack.mqtt_port, expected=load.total, env=env, logdir=logdir
-        )
-        try:
-            with loadgen.publishing(load, stack.mqtt_port, uuid.uuid4().hex[:6]) as publishers:
-                pacer = loadgen.Pacer(publishers, load, rate_per_s)
-                pacer.start()
-                # A schedule, not a synchronisation: the outage falls where the load runs.
-                time.sleep(load.total / rate_per_s / 3)
-                stack.postgres.stop()
-                time.sleep(down_s)
-                stack.postgres.start()
-                pacer.join()
-                result.stored, _ = asyncio.run(wait_for_rows(database_url, load.total, stall_s))
-                result.notes += loadgen.finish(publishers)
-                result.peak_rss_mib = system.peak_rss_mib()
-        finally:
-            system.stop()
+    with paced(stack, kind, load, rate_per_s, logdir) as run:
+        run.pacer.start()
+        # A schedule, not a synchronisation: the outage falls where the load runs.
+        time.sleep(load.total / rate_per_s / 3)
+        stack.postgres.stop()
+        time.sleep(down_s)
+        stack.postgres.start()
+        run.pacer.join()
+        result.stored, _ = asyncio.run(wait_for_rows(run.database_url, load.total, stall_s))
+        result.notes += loadgen.finish(run.publishers)
+        result.peak_rss_mib = run.system.peak_rss_mib()
     result.seconds = load.total / rate_per_s
     return result

@@ -26,8 +26,13 @@ def make_broker(servers: list[str], name: str = "messwerte-pipeline") -> NatsBro
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
         connect_timeout=5,
-        ping_interval=10,
-        max_outstanding_pings=3,
+        # A node that hangs (SIGSTOP, a partition) closes no socket: only unanswered pings
+        # tell. Three seconds apart, two outstanding, its clients move to another node within
+        # 9 s, inside the 30 s a cluster may take to carry on (design §14); 10 s and 3 left
+        # them on it for up to 40 s (the cluster suite's SIGSTOP caught it when both workers
+        # were connected to the paused node).
+        ping_interval=3,
+        max_outstanding_pings=2,
         pending_size=8 * 1024 * 1024,
         log_level=30,
     )
