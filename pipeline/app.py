@@ -123,7 +123,8 @@ class Pipeline:
         nc = await self._until_up("nats", broker.connect)
         js = nc.jetstream()
         self.health.components["nats"] = Probe(
-            lambda: nc.is_connected, lambda: {"servers": s.nats_servers}
+            lambda: nc.is_connected,
+            lambda: {"servers": s.nats_servers, "connected_to": _netloc(nc.connected_url)},
         )
         pool: TimedPool | None = None
         tasks: list[asyncio.Task[Any]] = []
@@ -404,3 +405,9 @@ async def _close_nats(broker: Any, nc: Any) -> None:
         log.info("NATS not reachable at shutdown, closing without draining", error=repr(exc))
         with contextlib.suppress(Exception):
             await nc.close()
+
+
+def _netloc(url: Any) -> str | None:
+    """`host:port` of the NATS server the connection is on (None while it is not): which
+    node of a cluster this worker depends on, for operators and the cluster fault suite."""
+    return None if url is None else str(url.netloc) or None

@@ -158,16 +158,26 @@ class Health:
         return ok, {"status": "UP" if ok else "DOWN", **details}
 
 
-def roles(http_port: int, host: str = "127.0.0.1") -> dict[str, str]:
-    """A worker's claims and its role in each (`active`, `standby`), read from its /health
-    (for tools and tests that pick a worker by what it holds); empty when unreachable."""
+def read(http_port: int, host: str = "127.0.0.1") -> dict[str, Any]:
+    """A worker's /health body (a 503 carries one too); empty when unreachable."""
     url = f"http://{host}:{http_port}/health"
     try:
         with urllib.request.urlopen(url, timeout=1) as resp:
-            body = json.loads(resp.read())
-    except urllib.error.HTTPError as exc:  # 503 still carries the body
-        body = json.loads(exc.read() or b"{}")
+            return dict(json.loads(resp.read()))
+    except urllib.error.HTTPError as exc:
+        return dict(json.loads(exc.read() or b"{}"))
     except (OSError, ValueError):
         return {}
-    claims = body.get("components", {}).get("claims", {}).get("claims", {})
+
+
+def roles(http_port: int, host: str = "127.0.0.1") -> dict[str, str]:
+    """A worker's claims and its role in each (`active`, `standby`), read from its /health
+    (for tools and tests that pick a worker by what it holds); empty when unreachable."""
+    claims = read(http_port, host).get("components", {}).get("claims", {}).get("claims", {})
     return {name: claim["role"] for name, claim in claims.items()}
+
+
+def nats_node(http_port: int, host: str = "127.0.0.1") -> str | None:
+    """`host:port` of the NATS server a worker is connected to, from its /health."""
+    connected = read(http_port, host).get("components", {}).get("nats", {}).get("connected_to")
+    return str(connected) if connected else None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import aiomqtt
@@ -29,6 +28,7 @@ from tests.faults.harness import (
     DataSet,
     Fault,
     Figures,
+    Nudge,
     Progress,
     Workers,
     data_set,
@@ -122,17 +122,15 @@ class Stack:
             rate_per_s=rate_per_s,
         )
 
-    async def nudge(self) -> tuple[int, datetime]:
-        """Publish the data set's next nudge: a reading that makes an interval be summed now.
-        Returns its key (unit, timestamp)."""
+    async def nudge(self) -> Nudge:
+        """Publish the data set's next nudge: a reading that makes an interval be summed now."""
         assert self.data is not None, "nudge() belongs inside run()"
-        topic, payload = self.data.nudge()
+        nudge = self.data.nudge()
         async with aiomqtt.Client(
             "127.0.0.1", self.broker.port, identifier=f"nudge-{uuid.uuid4().hex[:8]}"
         ) as client:
-            await client.publish(topic, payload, qos=1, timeout=5)
-        unit, at, _, _ = self.data.readings[-1]
-        return unit, at
+            await client.publish(nudge.topic, nudge.payload, qos=1, timeout=5)
+        return nudge
 
 
 async def seeded(database: str) -> str:

@@ -49,6 +49,31 @@ BY_STREAM = {stream.name: stream for stream in STREAMS}
 # --- the data set ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Nudge:
+    """A nudge to send, and how its effect shows: its row in zaehler_rohdaten, and on
+    MESSWERTE its unit's interval ending at `zeit`, summed over `count` readings or more."""
+
+    topic: str
+    payload: bytes
+    unit: int
+    at: datetime
+    zeit: datetime
+    count: int
+
+    @property
+    def subject(self) -> str:
+        return f"messwerte.{UNITS[self.unit]}.{self.unit}"
+
+    def shows_in(self, message: dict[str, Any]) -> bool:
+        """Whether a MESSWERTE message is the nudge's interval, summed with the nudge."""
+        return (
+            message.get("einheitId") == self.unit
+            and datetime.fromisoformat(message["zeit"]) == self.zeit
+            and message.get("anzahlRohwerte", 0) >= self.count
+        )
+
+
 @dataclass
 class DataSet:
     """What the fleet publishes, in order, and the readings that must end up stored."""
@@ -66,7 +91,7 @@ class DataSet:
     def reference(self) -> Reference:
         return Reference.of(self.readings)
 
-    def nudge(self) -> tuple[str, bytes]:
+    def nudge(self) -> Nudge:
         """A reading of its own (a key no other message has) in a long-closed interval, added
         to the expectation: a fault sends it to make the pipeline sum and publish an interval
         at the moment the fault needs one, instead of hoping one closes then."""
@@ -76,7 +101,8 @@ class DataSet:
         self.readings.append(reading)
         message = (_topic(UNITS[unit], unit), body(reading[1], reading[2], reading[3]))
         self.messages.append(message)
-        return message
+        # Only nudges fall before `base`: the interval ending there sums every one sent so far.
+        return Nudge(*message, unit=unit, at=reading[1], zeit=self.base, count=taken + 1)
 
 
 def data_set(
@@ -219,6 +245,10 @@ class Worker:
         """Claim -> active or standby, from the worker's /health (empty if unreachable)."""
         assert self.http_port is not None
         return health.roles(self.http_port)
+
+    def nats_node(self) -> str | None:
+        """`host:port` of the NATS server the worker is connected to, from its /health."""
+        return health.nats_node(self.http_port)
 
     def metric(self, name: str) -> float:
         """One unlabelled sample from the worker's /metrics (0 when absent or unreachable)."""
@@ -469,17 +499,17 @@ async def until(probe: Callable[[], Awaitable[Any]], what: str, timeout_s: float
 class Progress:
     """How long a fault stops the pipeline: `mark()` just before the fault notes what MESSWERTE
     holds; `resumed()` sends a reading of its own (a nudge: a key nobody else sends, in a
-    closed interval) and waits until it is stored and an interval was published after the
-    mark. Both need the pipeline working end to end after the fault, whether or not the fleet
-    is still publishing."""
+    closed interval) and waits until it is stored and its interval is published with it. Both
+    need the pipeline working end to end after the fault, whether or not the fleet is still
+    publishing; neither can be met by work done before the fault (a message published in the
+    moment between `mark()` and the fault cannot hold a reading sent after it)."""
 
-    def __init__(
-        self, dsn: str, nats_url: str, nudge: Callable[[], Awaitable[tuple[int, datetime]]]
-    ) -> None:
+    def __init__(self, dsn: str, nats_url: str, nudge: Callable[[], Awaitable[Nudge]]) -> None:
         self._dsn = dsn
         self._nats_url = nats_url
         self._nudge = nudge
-        self._published = 0
+        #: MESSWERTE's sequence to look on from for the nudge's interval.
+        self._from_seq = 1
         self._at = 0.0
 
     async def _last_published(self) -> int | None:
@@ -495,7 +525,30 @@ class Progress:
         except Exception:  # a node away: ask again
             return None
 
-    async def _stored(self, key: tuple[int, datetime]) -> bool:
+    async def _published(self, nudge: Nudge) -> bool:
+        """Whether MESSWERTE holds the nudge's interval summed with it, looking at each
+        message of its subject once (from where the last look ended)."""
+        try:
+            nc = await nats.connect(
+                self._nats_url.split(","), connect_timeout=2, allow_reconnect=False
+            )
+        except Exception:  # a node away: ask again
+            return False
+        try:
+            js = nc.jetstream(timeout=2)
+            while True:
+                msg = await js.get_msg(
+                    "MESSWERTE", self._from_seq, subject=nudge.subject, next=True
+                )
+                self._from_seq = int(msg.seq or 0) + 1
+                if nudge.shows_in(json.loads(msg.data or b"{}")):
+                    return True
+        except Exception:  # none further yet (not found), or a node away: ask again
+            return False
+        finally:
+            await nc.close()
+
+    async def _stored(self, nudge: Nudge) -> bool:
         try:
             db = await asyncpg.connect(self._dsn, timeout=2)
         except Exception:
@@ -505,7 +558,8 @@ class Progress:
                 await db.fetchval(
                     "SELECT count(*) FROM zaehler_rohdaten WHERE einheit_id = $1 "
                     "AND timestamp = $2",
-                    *key,
+                    nudge.unit,
+                    nudge.at,
                 )
             )
         except Exception:
@@ -517,23 +571,21 @@ class Progress:
         published = None
         while published is None:
             published = await self._last_published()
-        self._published, self._at = published, time.monotonic()
+        self._from_seq, self._at = published + 1, time.monotonic()
 
     async def resumed(self, timeout_s: float = 60.0) -> float:
-        """Seconds from `mark()` until a reading sent now is stored and something published."""
-        key = await self._nudge()
+        """Seconds from `mark()` until a reading sent now is stored and published."""
+        nudge = await self._nudge()
         stored = published = False
         while True:
-            stored = stored or await self._stored(key)
-            if not published:
-                last = await self._last_published()
-                published = last is not None and last > self._published
+            stored = stored or await self._stored(nudge)
+            published = published or await self._published(nudge)
             if stored and published:
                 return time.monotonic() - self._at
             if time.monotonic() - self._at > timeout_s:
                 raise AssertionError(
                     f"no progress within {timeout_s}s of the fault "
-                    f"(nudge stored: {stored}, published since: {published})"
+                    f"(nudge stored: {stored}, its interval published: {published})"
                 )
             await asyncio.sleep(0.1)
 
