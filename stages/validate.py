@@ -97,6 +97,21 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def _decoder(exact: bool) -> json.JSONDecoder:
+    # Numbers parse straight to Decimal (no float rounding); NaN/Infinity and duplicate keys,
+    # which json accepts by default, are refused. One decoder per kind, made once: json.loads
+    # with these arguments builds a new one per call, which took half of its 3.5 µs.
+    return json.JSONDecoder(
+        parse_float=Decimal if exact else float,
+        parse_int=Decimal if exact else int,
+        parse_constant=_no_constants,
+        object_pairs_hook=_unique_keys,
+    )
+
+
+_EXACT, _INEXACT = _decoder(exact=True), _decoder(exact=False)
+
+
 def _is_unicode(data: Any) -> bool:
     """False when a string escape left a lone surrogate, which no UTF-8 text can hold."""
     try:
@@ -121,15 +136,7 @@ def parse_json(
         raise Refused(RejectReason.INVALID_JSON, "payload is empty")
     try:
         text = payload.decode("utf-8")
-        # Numbers parse straight to Decimal (no float rounding); NaN/Infinity and duplicate
-        # keys, which json accepts by default, are refused.
-        data = json.loads(
-            text,
-            parse_float=Decimal if exact else float,
-            parse_int=Decimal if exact else int,
-            parse_constant=_no_constants,
-            object_pairs_hook=_unique_keys,
-        )
+        data = (_EXACT if exact else _INEXACT).decode(text)
     except UnicodeDecodeError as exc:
         raise Refused(RejectReason.INVALID_JSON, f"payload is not UTF-8: {exc.reason}") from None
     except json.JSONDecodeError as exc:
