@@ -153,6 +153,10 @@ def _bench(stack: Stack, args: argparse.Namespace, kinds: list[str], workdir: Pa
             )  # fmt: skip
             print(f"  {r.stored:,} of {r.messages:,} stored", flush=True)
             outages.append(r)
+            print(f"{kind}: SIGKILL and restart ...", flush=True)
+            r = outage.restart(stack, kind, down_load, args.rate, workdir, args.stall_seconds)
+            print(f"  {r.stored:,} of {r.messages:,} stored", flush=True)
+            outages.append(r)
     setup: dict[str, Any] = {
         "messages": closed_load.total,
         "publishers": args.publishers,

@@ -1,10 +1,11 @@
-"""A database outage under load: what each system stores of what it was sent.
+"""Faults under load: what each system stores of what it was sent.
 
-The load is paced (the open loop's rate); a third of the way in, PostgreSQL is stopped for
-`down_s` and started again, and the run waits until no more rows arrive. A system that
-acknowledges MQTT messages only once they are stored keeps them at the broker meanwhile and
-stores them once the database is back; one that acknowledges on arrival (Node-RED's `mqtt in`)
-drops what it cannot write.
+The load is paced (the open loop's rate); a third of the way in, either PostgreSQL is stopped
+for `down_s` and started again (`outage`), or the system's processes are SIGKILLed and started
+again at once (`restart`, as a supervisor would); then the run waits until no more rows
+arrive. A system that acknowledges MQTT messages only once they are stored keeps them at the
+broker meanwhile and stores them afterwards; one that acknowledges on arrival (Node-RED's
+`mqtt in`) drops what it cannot write, and what it held when it was killed.
 """
 
 from __future__ import annotations
@@ -39,6 +40,22 @@ def outage(
         stack.postgres.stop()
         time.sleep(down_s)
         stack.postgres.start()
+        run.pacer.join()
+        result.stored, _ = asyncio.run(wait_for_rows(run.database_url, load.total, stall_s))
+        result.notes += loadgen.finish(run.publishers)
+        result.peak_rss_mib = run.system.peak_rss_mib()
+    result.seconds = load.total / rate_per_s
+    return result
+
+
+def restart(
+    stack: Stack, kind: str, load: Load, rate_per_s: float, logdir: Path, stall_s: float
+) -> Result:
+    result = Result(kind, "restart", load.total)
+    with paced(stack, kind, load, rate_per_s, logdir) as run:
+        run.pacer.start()
+        time.sleep(load.total / rate_per_s / 3)  # a schedule, as in `outage`
+        run.system.restart()
         run.pacer.join()
         result.stored, _ = asyncio.run(wait_for_rows(run.database_url, load.total, stall_s))
         result.notes += loadgen.finish(run.publishers)

@@ -86,16 +86,24 @@ def table(results: Sequence[Result], setup: dict[str, Any]) -> str:
 
 
 def outage_table(results: Sequence[Result], down_s: float) -> str:
-    """What each system stored of a paced load with PostgreSQL stopped for `down_s`."""
+    """What each system stored of a paced load with PostgreSQL stopped for `down_s`, or with
+    its processes killed and restarted."""
+    faults = {
+        "outage": f"PostgreSQL stopped for {down_s:g} s",
+        "restart": "SIGKILL and restart of its processes",
+    }
     lines = [
-        f"PostgreSQL stopped for {down_s:g} s a third of the way into a paced load:",
+        "A third of the way into a paced load:",
         "",
-        "| system | sent | stored | lost |",
-        "|---|---:|---:|---:|",
+        "| system | fault | sent | stored | lost |",
+        "|---|---|---:|---:|---:|",
     ]
     for r in results:
-        if r.loop == "outage":
-            lines.append(f"| {LABELS[r.kind]} | {r.messages:,} | {r.stored:,} | {r.lost:,} |")
+        if r.loop in faults:
+            lines.append(
+                f"| {LABELS[r.kind]} | {faults[r.loop]} | {r.messages:,} | {r.stored:,} "
+                f"| {r.lost:,} |"
+            )
     return "\n".join(lines)
 
 

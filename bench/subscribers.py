@@ -43,6 +43,12 @@ from schemas.messages import IngestMessage
 
 SUBSCRIPTIONS = [("zev/+/+/messwert", 1), ("bess/+/+/telemetry", 1)]
 
+
+def _client_id() -> str:
+    """The run's client id (the driver forgets its session after the run), or a new one."""
+    return os.environ.get("PIPELINE_MQTT_CLIENT_ID") or f"bench-{uuid.uuid4().hex[:8]}"
+
+
 INSERT = """INSERT INTO zaehler_rohdaten
     (einheit_id, organization_id, timestamp, verbrauch, einspeisung)
     VALUES ($1, $2, $3::text::timestamptz, $4::text::numeric, $5::text::numeric)
@@ -52,9 +58,7 @@ INSERT = """INSERT INTO zaehler_rohdaten
 async def _subscribe(port: int, expected: int, database_url: str | None) -> None:
     conn = await asyncpg.connect(database_url) if database_url else None
     seen = 0
-    async with aiomqtt.Client(
-        "127.0.0.1", port, identifier=f"bench-{uuid.uuid4().hex[:8]}"
-    ) as client:
+    async with aiomqtt.Client("127.0.0.1", port, identifier=_client_id()) as client:
         await client.subscribe(SUBSCRIPTIONS)
         print("ready", flush=True)
         async for message in client.messages:
@@ -75,7 +79,7 @@ async def _subscribe(port: int, expected: int, database_url: str | None) -> None
 
 
 async def _session(port: int, expected: int) -> None:
-    target, client_id = MqttTarget(f"mqtt://127.0.0.1:{port}"), f"bench-{uuid.uuid4().hex[:8]}"
+    target, client_id = MqttTarget(f"mqtt://127.0.0.1:{port}"), _client_id()
     try:
         session = await Session.connect(target, client_id)
     except Refused as refused:  # nats-server's MQTT listener: 3.1.1 only
@@ -95,9 +99,7 @@ async def _session(port: int, expected: int) -> None:
 
 
 async def _bridge(port: int, expected: int) -> None:
-    settings = Settings(
-        mqtt_url=f"mqtt://127.0.0.1:{port}", mqtt_client_id=f"bench-{uuid.uuid4().hex[:8]}"
-    )
+    settings = Settings(mqtt_url=f"mqtt://127.0.0.1:{port}", mqtt_client_id=_client_id())
     stop = asyncio.Event()
     seen = 0
 

@@ -8,6 +8,8 @@ per stage, as an operator scales them.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import select
 import shutil
@@ -17,8 +19,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import aiomqtt
 
 from pipeline import health
 from pipeline.devstack import free_port
@@ -82,6 +87,11 @@ class Proc:
 class System:
     kind: str
     procs: list[Proc] = field(default_factory=list)
+    mqtt_port: int = 0
+    #: The MQTT client id it subscribes with; its session is ended once the system stops.
+    client_id: str | None = None
+    #: Starts the same system again (for `restart`).
+    relaunch: Callable[[], System] | None = field(default=None, repr=False)
 
     def peak_rss_mib(self) -> dict[str, float]:
         return {p.name: round(p.peak_rss_mib(), 1) for p in self.procs}
@@ -106,6 +116,17 @@ class System:
             except subprocess.TimeoutExpired:
                 p.popen.kill()
                 p.popen.wait()
+        if self.client_id is not None:
+            forget_session(self.mqtt_port, self.client_id)
+
+    def restart(self) -> None:
+        """SIGKILL every process, as a crash or an OOM kill would, and start them again as
+        they were (the same client id, so the broker's session and its queue are theirs)."""
+        assert self.relaunch is not None
+        for p in self.procs:
+            p.popen.kill()
+            p.popen.wait()
+        self.procs = self.relaunch().procs
 
     def done_at(self, timeout_s: float) -> float | None:
         """For the reference subscribers: when they reported every message seen (monotonic);
@@ -125,6 +146,19 @@ class System:
                 if line.startswith("done"):
                     return float(line.split()[1])
         return None
+
+
+def forget_session(mqtt_port: int, client_id: str) -> None:
+    """End the broker's session of `client_id`. A session that never expires would go on
+    queueing every later run's messages for a client that is gone, work the broker does
+    during the runs that follow (a clean start discards a session, MQTT 3.1.1 §3.1.2.4)."""
+
+    async def clean() -> None:
+        async with aiomqtt.Client("127.0.0.1", mqtt_port, identifier=client_id, clean_session=True):
+            pass
+
+    with contextlib.suppress(aiomqtt.MqttError, OSError):
+        asyncio.run(clean())
 
 
 def _cpu_s(pid: int) -> float:
@@ -175,6 +209,7 @@ def _start_nodered(system: System, mqtt_port: int, env: dict[str, str], logdir: 
         env={
             **os.environ,
             "MQTT_PORT": str(mqtt_port),
+            "MQTT_CLIENT_ID": env["PIPELINE_MQTT_CLIENT_ID"],
             "DATABASE_URL": env["PIPELINE_DATABASE_URL"],
             "NODERED_PORT": str(free_port()),
         },
@@ -201,7 +236,10 @@ def start(
     profile: Path | None = None,
     replicas: int = 1,
 ) -> System:
-    system = System(kind)
+    system = System(kind, mqtt_port=mqtt_port, client_id=env.get("PIPELINE_MQTT_CLIENT_ID"))
+    system.relaunch = lambda: start(
+        kind, mqtt_port=mqtt_port, expected=expected, env=env, logdir=logdir, replicas=replicas
+    )
     if kind == "nodered":
         _start_nodered(system, mqtt_port, env, logdir)
         return system
@@ -210,7 +248,10 @@ def start(
         if kind == "naive":
             argv.append(env["PIPELINE_DATABASE_URL"])
         popen = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=(logdir / f"{kind}.log").open("wb")
+            argv,
+            env={**os.environ, "PIPELINE_MQTT_CLIENT_ID": env["PIPELINE_MQTT_CLIENT_ID"]},
+            stdout=subprocess.PIPE,
+            stderr=(logdir / f"{kind}.log").open("wb"),
         )
         proc = Proc(kind, popen)
         system.procs.append(proc)
@@ -234,9 +275,13 @@ def start(
             stdin=subprocess.DEVNULL,
         )
         proc = Proc(name, popen, port)
+        system.procs.append(proc)  # stopped with the system, also if what follows fails
         if profile is not None:
-            proc.profiler = _profile(popen.pid, profile / f"{kind}-{name}.txt")
-        system.procs.append(proc)
+            try:
+                proc.profiler = _profile(popen.pid, profile / f"{kind}-{name}.txt")
+            except OSError:
+                system.stop()
+                raise
     deadline = time.monotonic() + 60
     while not all(p.healthy() for p in system.procs):
         if time.monotonic() > deadline or any(p.popen.poll() is not None for p in system.procs):
@@ -249,8 +294,10 @@ def start(
 def _profile(pid: int, out: Path) -> subprocess.Popen[bytes]:
     """py-spy sampling `pid` from outside, so the profile costs the worker next to nothing;
     collapsed stacks (`--format raw`), which `bench.profile` sums per function."""
+    # The venv's own when the bench runs as .venv/bin/python without the venv on PATH.
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     return subprocess.Popen(
-        ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "250", "-o", str(out)],
+        [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "250", "-o", str(out)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

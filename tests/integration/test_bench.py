@@ -26,11 +26,12 @@ def test_bench_runs_every_system_on_the_same_load_and_reports_it(tmp_path, capsy
     assert set(closed) == set(available(list(KINDS)))
     assert {"raw", "session", "bridge", "naive", "fused", "split"} <= set(closed)
     assert set(opened) == set(closed) - set(COUNTERS)
-    outages = {r["kind"]: r for r in data["results"] if r["loop"] == "outage"}
-    assert set(outages) == {"fused", "nodered"} & set(closed)
-    assert outages["fused"]["lost"] == 0, outages["fused"]  # held at the broker meanwhile
+    for fault in ("outage", "restart"):
+        faulted = {r["kind"]: r for r in data["results"] if r["loop"] == fault}
+        assert set(faulted) == {"fused", "nodered"} & set(closed), fault
+        assert faulted["fused"]["lost"] == 0, faulted["fused"]  # held at the broker meanwhile
     for result in data["results"]:
-        if result["loop"] == "outage" and result["kind"] == "nodered":
+        if result["loop"] in ("outage", "restart") and result["kind"] == "nodered":
             continue  # it acknowledges on arrival: what it drops is the finding
         assert result["lost"] == 0, result
         assert result["stored"] == result["messages"] > 0
@@ -46,6 +47,7 @@ def test_bench_runs_every_system_on_the_same_load_and_reports_it(tmp_path, capsy
     table = next(tmp_path.glob("bench-*.md")).read_text()
     assert "× raw ceiling" in table
     assert "PostgreSQL stopped for 1 s" in table
+    assert "SIGKILL and restart" in table
     assert data["raw_ceiling_msg_s"] == closed["raw"]["rate_msg_s"]
 
 
