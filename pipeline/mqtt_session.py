@@ -367,7 +367,12 @@ class Session(asyncio.Protocol):
         self._last_read = self._loop.time()
         self._rest = self._rest + data if self._rest else data
         self._parse()
-        if len(self._queue) >= self._limit and self.reading and self._transport is not None:
+        if (
+            len(self._queue) >= self._limit
+            and not self._awaiting()
+            and self.reading
+            and self._transport is not None
+        ):
             self._transport.pause_reading()
             self.reading = False
             self.pauses += 1
@@ -378,7 +383,12 @@ class Session(asyncio.Protocol):
         (at most one socket read: reading stops meanwhile)."""
         data = self._rest
         view = memoryview(data)
-        read, queue, limit = self._codec.read, self._queue, self._limit
+        read, queue = self._codec.read, self._queue
+        # While a CONNACK or SUBACK is awaited, parsing goes past the limit: a session that
+        # resumes with a backlog gets up to the Receive Maximum (3.1.1: the broker's inflight
+        # window) of old messages before the SUBACK, and nobody takes any before it. The
+        # broker sends no more until some are acknowledged, so this is bounded all the same.
+        limit = self._limit if not self._awaiting() else len(queue) + len(data)
         pos, end = 0, len(data)
         try:
             while pos < end and len(queue) < limit:
@@ -397,6 +407,9 @@ class Session(asyncio.Protocol):
         finally:
             view.release()
         self._rest = data[pos:] if pos < end else b""
+
+    def _awaiting(self) -> bool:
+        return self._answer is not None and not self._answer.done()
 
     def _answered(self, packet: _ConnAck | _SubAck) -> None:
         if self._answer is not None and not self._answer.done():

@@ -108,6 +108,25 @@ async def test_unacknowledged_messages_come_again_after_a_reconnect_and_acknowle
     )
 
 
+@pytest.mark.parametrize("mqtt5", PROTOCOLS, ids=lambda v: "mqtt5" if v else "mqtt311")
+async def test_a_session_resuming_with_a_backlog_past_its_limit_subscribes_and_drains_it(
+    mqtt_broker, mqtt5: bool
+) -> None:
+    """A standby taking over after a crash under load: the broker sends the queued messages
+    right after CONNACK, more than the limit, and the SUBACK behind them must still be read
+    (it was left unparsed behind a full queue, and every takeover timed out)."""
+    client_id = f"backlog-{uuid.uuid4().hex[:6]}"
+    first = await connect(mqtt_broker.url, client_id, mqtt5=mqtt5)
+    first.abort()  # gone, its session kept
+    await publish(mqtt_broker.url, [("t/x", f"m{i}") for i in range(LIMIT * 5)])
+    second = await connect(mqtt_broker.url, client_id, mqtt5=mqtt5, limit=LIMIT)
+    try:
+        seen = await receive(second, LIMIT * 5)
+    finally:
+        await second.close()
+    assert sorted(m.payload for m in seen) == sorted(f"m{i}".encode() for i in range(LIMIT * 5))
+
+
 async def test_an_mqtt5_connect_to_a_broker_without_5_is_refused_as_such(tmp_path: Path) -> None:
     """nats-server's MQTT listener answers an MQTT 5 CONNECT as a 3.1.1 broker: the bridge
     learns from `no_mqtt5` to connect with 3.1.1, which then works."""
